@@ -1,0 +1,352 @@
+"""The routing state that the supervisor owns and every worker mirrors.
+
+These frozen dataclasses are the one vocabulary shared by the config loader,
+the SQLite store, the admin API and the supervisor->worker pipe. The state is
+immutable: a change is a :class:`Change` applied with :func:`apply_change`,
+which returns a new :class:`ProxyState` with the generation bumped. The
+supervisor and the workers call the same function, so they cannot disagree on
+what a change means.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "Change",
+    "FirewallRuleAdded",
+    "FirewallRuleKind",
+    "FirewallRuleRemoved",
+    "FirewallRules",
+    "L7Policy",
+    "Listener",
+    "ListenerMaxConnectionsSet",
+    "Mode",
+    "PolicyAdded",
+    "PolicyKind",
+    "PolicyRemoved",
+    "ProxyState",
+    "Route",
+    "RouteAdded",
+    "RouteRemoved",
+    "StateError",
+    "apply_change",
+    "make_state",
+    "normalize_hostname",
+    "parse_address",
+]
+
+
+class Mode(StrEnum):
+    L4 = "l4"
+    L7 = "l7"
+
+
+class PolicyKind(StrEnum):
+    BLOCK_USER_AGENT = "block_user_agent"
+    REQUIRE_HEADER = "require_header"
+
+
+class FirewallRuleKind(StrEnum):
+    IP = "ip"
+    CIDR = "cidr"
+    COUNTRY = "country"
+
+
+class AddressError(ValueError):
+    """An address string that is not ``host:port``, ``:port`` or ``[v6]:port``."""
+
+
+class StateError(ValueError):
+    """A change that does not fit the current state (unknown listener, duplicate route...).
+
+    ``kind`` is ``"not_found"`` or ``"already_exists"`` so that the admin API
+    can map it onto a gRPC status code without parsing the message.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """A TCP endpoint. ``host == ""`` means every local address (``:443``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def bind_host(self) -> str:
+        """The host to pass to bind(): the IPv6 wildcard for ``:port`` (dual stack)."""
+        return self.host or "::"
+
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``host:port``, ``:port`` or ``[v6]:port`` into an :class:`Address`."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise AddressError(f"{text!r} is not [v6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise AddressError(f"{host!r} is not an IPv6 address") from exc
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise AddressError(f"{text!r} has no port (expected host:port)")
+        if ":" in host:
+            raise AddressError(f"{text!r}: write IPv6 addresses as [v6]:port")
+        if host and not _is_hostname_or_ip(host):
+            raise AddressError(f"{host!r} is not a valid host")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise AddressError(f"port {port_text!r} is not a number from 1 to 65535")
+    return Address(host.lower(), int(port_text))
+
+
+def _is_hostname_or_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return normalize_hostname(host) is not None
+    return True
+
+
+def normalize_hostname(name: str) -> str | None:
+    """Lower-case a DNS hostname, or return None when it is not one.
+
+    SNI matching is exact and case-insensitive, so every hostname is stored
+    and looked up in this form.
+    """
+    name = name.lower().removesuffix(".")
+    if not 0 < len(name) <= 253 or not name.isascii():
+        return None
+    if all(_HOSTNAME_LABEL.match(label) for label in name.split(".")):
+        return name
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class L7Policy:
+    kind: PolicyKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    hostname: str
+    backend: Address
+    mode: Mode = Mode.L4
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    backend_tls: bool = False
+    send_proxy_protocol: bool = False
+    policies: tuple[L7Policy, ...] = ()
+
+
+def _freeze(routes: Mapping[str, Route]) -> Mapping[str, Route]:
+    """A fresh dict typed read-only: states share nothing mutable and stay picklable."""
+    return dict(routes)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    addr: Address
+    proxy_protocol: bool = False
+    max_connections: int = 0
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    """Routes by lower-case hostname."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallRules:
+    blocked_ips: frozenset[str] = frozenset()
+    blocked_cidrs: frozenset[str] = frozenset()
+    blocked_countries: frozenset[str] = frozenset()
+
+    def values(self, kind: FirewallRuleKind) -> frozenset[str]:
+        return {
+            FirewallRuleKind.IP: self.blocked_ips,
+            FirewallRuleKind.CIDR: self.blocked_cidrs,
+            FirewallRuleKind.COUNTRY: self.blocked_countries,
+        }[kind]
+
+    def with_values(self, kind: FirewallRuleKind, values: frozenset[str]) -> FirewallRules:
+        name = {
+            FirewallRuleKind.IP: "blocked_ips",
+            FirewallRuleKind.CIDR: "blocked_cidrs",
+            FirewallRuleKind.COUNTRY: "blocked_countries",
+        }[kind]
+        return replace(self, **{name: values})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything a worker needs to route, tagged with a monotonically rising generation."""
+
+    generation: int = 0
+    listeners: Mapping[str, Listener] = field(default_factory=dict)
+    """Listeners by ``str(addr)``."""
+    firewall: FirewallRules = field(default_factory=FirewallRules)
+
+    def listener(self, addr: str) -> Listener:
+        try:
+            return self.listeners[addr]
+        except KeyError:
+            raise StateError("not_found", f"no listener {addr}") from None
+
+
+# --- changes -----------------------------------------------------------------
+# One dataclass per mutation the admin API offers. They travel over the pipe
+# as they are; apply_change() is the single definition of their meaning.
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAdded:
+    listener: str
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRemoved:
+    listener: str
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallRuleAdded:
+    kind: FirewallRuleKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallRuleRemoved:
+    kind: FirewallRuleKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerMaxConnectionsSet:
+    listener: str
+    max_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyAdded:
+    listener: str
+    hostname: str
+    policy: L7Policy
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRemoved:
+    listener: str
+    hostname: str
+    policy: L7Policy
+
+
+Change = (
+    RouteAdded
+    | RouteRemoved
+    | FirewallRuleAdded
+    | FirewallRuleRemoved
+    | ListenerMaxConnectionsSet
+    | PolicyAdded
+    | PolicyRemoved
+)
+
+
+def apply_change(state: ProxyState, change: Change) -> ProxyState:
+    """Return ``state`` with ``change`` applied and the generation bumped.
+
+    Raises :class:`StateError` when the change does not fit (the state is
+    then untouched, since it is immutable).
+    """
+    match change:
+        case RouteAdded(listener=addr, route=route):
+            listener = state.listener(addr)
+            if route.hostname in listener.routes:
+                raise StateError("already_exists", f"route {route.hostname} on {addr} exists")
+            listener = replace(listener, routes=_freeze({**listener.routes, route.hostname: route}))
+            return _with_listener(state, listener)
+        case RouteRemoved(listener=addr, hostname=hostname):
+            listener = state.listener(addr)
+            if hostname not in listener.routes:
+                raise StateError("not_found", f"no route {hostname} on {addr}")
+            routes = dict(listener.routes)
+            del routes[hostname]
+            return _with_listener(state, replace(listener, routes=_freeze(routes)))
+        case FirewallRuleAdded(kind=kind, value=value):
+            values = state.firewall.values(kind)
+            if value in values:
+                raise StateError("already_exists", f"firewall rule {kind} {value} exists")
+            firewall = state.firewall.with_values(kind, values | {value})
+            return replace(state, generation=state.generation + 1, firewall=firewall)
+        case FirewallRuleRemoved(kind=kind, value=value):
+            values = state.firewall.values(kind)
+            if value not in values:
+                raise StateError("not_found", f"no firewall rule {kind} {value}")
+            firewall = state.firewall.with_values(kind, values - {value})
+            return replace(state, generation=state.generation + 1, firewall=firewall)
+        case ListenerMaxConnectionsSet(listener=addr, max_connections=limit):
+            listener = replace(state.listener(addr), max_connections=limit)
+            return _with_listener(state, listener)
+        case PolicyAdded(listener=addr, hostname=hostname, policy=policy):
+            route = _route(state, addr, hostname)
+            if policy in route.policies:
+                raise StateError("already_exists", f"policy {policy.kind} {policy.value} exists")
+            return _with_route(state, addr, replace(route, policies=(*route.policies, policy)))
+        case PolicyRemoved(listener=addr, hostname=hostname, policy=policy):
+            route = _route(state, addr, hostname)
+            if policy not in route.policies:
+                raise StateError("not_found", f"no policy {policy.kind} {policy.value}")
+            policies = tuple(p for p in route.policies if p != policy)
+            return _with_route(state, addr, replace(route, policies=policies))
+    raise TypeError(f"not a change: {change!r}")  # pragma: no cover
+
+
+def _route(state: ProxyState, addr: str, hostname: str) -> Route:
+    try:
+        return state.listener(addr).routes[hostname]
+    except KeyError:
+        raise StateError("not_found", f"no route {hostname} on {addr}") from None
+
+
+def _with_route(state: ProxyState, addr: str, route: Route) -> ProxyState:
+    listener = state.listener(addr)
+    routes = _freeze({**listener.routes, route.hostname: route})
+    return _with_listener(state, replace(listener, routes=routes))
+
+
+def _with_listener(state: ProxyState, listener: Listener) -> ProxyState:
+    listeners = {**state.listeners, str(listener.addr): listener}
+    return replace(state, generation=state.generation + 1, listeners=listeners)
+
+
+def make_state(
+    generation: int, listeners: list[Listener], firewall: FirewallRules
+) -> ProxyState:
+    """Build a state from plain lists (the store and the config loader use this)."""
+    frozen = [replace(lst, routes=_freeze(lst.routes)) for lst in listeners]
+    return ProxyState(
+        generation=generation,
+        listeners={str(lst.addr): lst for lst in frozen},
+        firewall=firewall,
+    )
