@@ -1,0 +1,1 @@
+"""Per-connection machinery that runs in each worker process."""
