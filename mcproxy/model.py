@@ -340,9 +340,7 @@ def _with_listener(state: ProxyState, listener: Listener) -> ProxyState:
     return replace(state, generation=state.generation + 1, listeners=listeners)
 
 
-def make_state(
-    generation: int, listeners: list[Listener], firewall: FirewallRules
-) -> ProxyState:
+def make_state(generation: int, listeners: list[Listener], firewall: FirewallRules) -> ProxyState:
     """Build a state from plain lists (the store and the config loader use this)."""
     frozen = [replace(lst, routes=_freeze(lst.routes)) for lst in listeners]
     return ProxyState(

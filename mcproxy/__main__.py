@@ -1,0 +1,5 @@
+import sys
+
+from mcproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The ``mc-proxy`` command: serve, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mcproxy import __version__
+from mcproxy.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _check(path: str) -> int:
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def _serve(path: str) -> int:
+    from mcproxy.supervisor.main import serve
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return serve(config)
+
+
+def _demo(directory: str | None) -> int:
+    from mcproxy.demo import run_demo
+
+    status: int = run_demo(directory)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mc-proxy",
+        description="TLS ingress proxy: SNI routing to L4 passthrough or L7 HTTP/2 backends.",
+    )
+    parser.add_argument("--version", action="version", version=f"mc-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the proxy in the foreground")
+    serve.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
+    check = commands.add_parser("check", help="validate a configuration and print every problem")
+    check.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
+    demo = commands.add_parser(
+        "demo", help="start a throwaway proxy with demo backends on loopback"
+    )
+    demo.add_argument("--dir", metavar="DIR", help="where to put certs, config and database")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args.config)
+    if args.command == "check":
+        return _check(args.config)
+    return _demo(args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

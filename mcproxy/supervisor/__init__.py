@@ -1,0 +1,1 @@
+"""The supervisor process: store, admin API, shared memory and the worker slots."""

@@ -1,0 +1,433 @@
+"""The supervisor's arbiter: one loop that owns the state and the worker slots.
+
+Like gunicorn's arbiter, signal handlers only enqueue, and ``run()`` repeats a
+fixed list of explicit steps: wait for I/O (worker pipes, the wake-up socket),
+handle signals, apply admin changes, reap, expire unanswered changes, kill
+unresponsive workers, fill empty slots. Only this loop's thread mutates the
+state, the store and the slots; the admin API's threads hand changes in
+through :meth:`Supervisor.submit` and wait on a future.
+
+Worker slots are numbered and own their listening sockets (invariant 7). A
+worker is started by fork+exec of ``python -m mcproxy.worker`` (invariant 5),
+never a bare fork of this process, whose gRPC threads would not survive it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import faulthandler
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import mcproxy
+from mcproxy import pipe
+from mcproxy.config import Config
+from mcproxy.model import Change, ProxyState, apply_change
+from mcproxy.supervisor.sockets import open_listening_socket
+from mcproxy.supervisor.store import Store
+from mcproxy.worker.main import BOOT_ERROR
+
+__all__ = ["Halt", "Supervisor", "WorkerNotAcknowledged"]
+
+log = logging.getLogger("mcproxy.supervisor")
+
+HEARTBEAT_TIMEOUT = 10.0
+"""A worker whose loop has not sent a heartbeat for this long is stuck: SIGABRT, then SIGKILL."""
+ABORT_GRACE = 2.0
+ACK_TIMEOUT = 5.0
+"""How long an admin change waits for every worker's acknowledgement."""
+STABLE_LIFETIME = 10.0
+"""A worker that lived this long before dying is respawned at once; sooner is a crash loop."""
+MAX_BACKOFF = 30.0
+
+
+class Halt(Exception):
+    """Stop the whole server with this message and a non-zero exit."""
+
+
+class WorkerNotAcknowledged(Exception):
+    """A change was committed but some workers did not confirm it in time (they are restarted)."""
+
+
+@dataclass
+class WorkerProcess:
+    slot: int
+    process: subprocess.Popen[bytes]
+    channel: socket.socket
+    started: float
+    decoder: pipe.FrameDecoder = field(default_factory=pipe.FrameDecoder)
+    generation: int = 0
+    active_connections: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    aborted_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass
+class Slot:
+    index: int
+    sockets: dict[str, socket.socket]
+    worker: WorkerProcess | None = None
+    quick_deaths: int = 0
+    respawn_at: float = 0.0
+
+
+@dataclass
+class PendingChange:
+    generation: int
+    future: concurrent.futures.Future[int]
+    waiting: set[int]
+    deadline: float
+
+
+class Supervisor:
+    def __init__(self, config: Config, store: Store, state: ProxyState) -> None:
+        self.config = config
+        self.store = store
+        self.state = state
+        self.started_at = time.time()
+        self.slots: list[Slot] = []
+        self.selector = selectors.DefaultSelector()
+        self.signals: collections.deque[int] = collections.deque()
+        self.requests: queue.SimpleQueue[tuple[Change, concurrent.futures.Future[int]]] = (
+            queue.SimpleQueue()
+        )
+        self.pending: list[PendingChange] = []
+        self.stopping = False
+        self.worker_restarts = 0
+        self.worker_env: dict[str, str] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+
+    # --- set-up ----------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        """Bind every listener once per slot; raises ListenError naming the address."""
+        for index in range(1, self.config.worker_count() + 1):
+            sockets = {
+                addr: open_listening_socket(listener.addr)
+                for addr, listener in self.state.listeners.items()
+            }
+            self.slots.append(Slot(index, sockets))
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)  # nothing else here: the loop does the work
+
+    # --- the loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        try:
+            self.fill_slots()
+            while not self.stopping:
+                self.wait(self._next_timeout())
+                self.handle_signals()
+                self.handle_requests()
+                self.reap()
+                self.expire_pending()
+                self.kill_unresponsive()
+                if not self.stopping:
+                    self.fill_slots()
+        except Halt as halt:
+            log.error("%s", halt)
+            self.stop()
+            return 1
+        self.stop()
+        return 0
+
+    def wait(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            key.data(key.fileobj)
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + 1.0]
+        deadlines += [s.respawn_at for s in self.slots if s.worker is None]
+        deadlines += [p.deadline for p in self.pending]
+        return max(0.0, min(deadlines) - now)
+
+    def _drain_wakeups(self, _: object) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                self.stopping = True
+            # SIGCHLD only wakes the loop; reap() runs on every turn anyway.
+
+    # --- worker lifecycle -----------------------------------------------------------
+
+    def fill_slots(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.worker is None and now >= slot.respawn_at:
+                self.spawn(slot)
+
+    def spawn(self, slot: Slot) -> None:
+        parent_end, child_end = socket.socketpair()
+        fds = {addr: sock.fileno() for addr, sock in slot.sockets.items()}
+        env = {**os.environ, **self.worker_env}
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(mcproxy.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mcproxy.worker", "--pipe-fd", str(child_end.fileno())],
+            pass_fds=[child_end.fileno(), *fds.values()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child_end.close()
+        worker = WorkerProcess(slot.index, process, parent_end, started=time.monotonic())
+        slot.worker = worker
+        parent_end.setblocking(False)
+        self.selector.register(parent_end, selectors.EVENT_READ, self._on_worker_readable)
+        boot = pipe.Boot(
+            slot=slot.index,
+            listen_fds=fds,
+            timeouts=self.config.proxy,
+            geoip_db=self.config.firewall.geoip_db,
+            rate_limit=self.config.firewall.rate_limit,
+            rate_window=self.config.firewall.rate_window,
+        )
+        self._send(worker, boot)
+        self._send(worker, pipe.Snapshot(self.state))
+        log.info("worker %d started (pid %d)", slot.index, worker.pid)
+
+    def _send(self, worker: WorkerProcess, message: pipe.Message) -> None:
+        """Write a whole frame; a worker too slow to take it is as good as dead."""
+        data = pipe.encode(message)
+        worker.channel.setblocking(True)
+        worker.channel.settimeout(ACK_TIMEOUT)
+        try:
+            worker.channel.sendall(data)
+        except OSError as exc:
+            log.warning("worker %d: pipe write failed (%s); killing it", worker.slot, exc)
+            self._kill(worker, signal.SIGKILL)
+        finally:
+            worker.channel.setblocking(False)
+
+    def _worker_by_pipe(self, sock: object) -> WorkerProcess | None:
+        for slot in self.slots:
+            if slot.worker is not None and slot.worker.channel is sock:
+                return slot.worker
+        return None
+
+    def _on_worker_readable(self, sock: object) -> None:
+        worker = self._worker_by_pipe(sock)
+        if worker is None:
+            return
+        try:
+            data = worker.channel.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(worker.channel)
+            return  # the process is exiting; reap() collects it
+        worker.last_seen = time.monotonic()
+        try:
+            messages = worker.decoder.feed(data)
+        except pipe.FrameError as exc:
+            log.error("worker %d sent garbage (%s); killing it", worker.slot, exc)
+            self._kill(worker, signal.SIGKILL)
+            return
+        for message in messages:
+            match message:
+                case pipe.Ack(generation=generation):
+                    worker.generation = generation
+                    self._acknowledged(worker)
+                case pipe.Heartbeat(generation=generation, active_connections=active):
+                    worker.generation = generation
+                    worker.active_connections = active
+                case _:
+                    log.warning("worker %d sent unexpected %r", worker.slot, message)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next(
+                (s for s in self.slots if s.worker is not None and s.worker.pid == pid), None
+            )
+            if slot is None or slot.worker is None:
+                continue  # not one of ours (or already forgotten)
+            worker = slot.worker
+            worker.process.returncode = os.waitstatus_to_exitcode(status)
+            self._forget(slot)
+            code = worker.process.returncode
+            if code == BOOT_ERROR and not self.stopping:
+                raise Halt(f"worker {slot.index} could not boot (exit {code}); stopping")
+            if self.stopping:
+                log.info("worker %d (pid %d) exited with %s", slot.index, pid, code)
+                continue
+            self.worker_restarts += 1
+            lived = time.monotonic() - worker.started
+            slot.quick_deaths = slot.quick_deaths + 1 if lived < STABLE_LIFETIME else 0
+            delay = min(MAX_BACKOFF, 0.1 * 2**slot.quick_deaths) if slot.quick_deaths else 0.0
+            slot.respawn_at = time.monotonic() + delay
+            log.warning(
+                "worker %d (pid %d) died with %s after %.1fs; respawning in %.1fs",
+                slot.index,
+                pid,
+                code,
+                lived,
+                delay,
+            )
+
+    def _forget(self, slot: Slot) -> None:
+        worker = slot.worker
+        assert worker is not None
+        if worker.channel.fileno() >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(worker.channel)
+            worker.channel.close()
+        slot.worker = None
+        for pending in self.pending:
+            pending.waiting.discard(worker.pid)
+        self._settle_pending()
+
+    def kill_unresponsive(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            worker = slot.worker
+            if worker is None:
+                continue
+            if worker.aborted_at is not None:
+                if now - worker.aborted_at > ABORT_GRACE:
+                    self._kill(worker, signal.SIGKILL)
+            elif now - worker.last_seen > HEARTBEAT_TIMEOUT:
+                log.error("worker %d (pid %d) is unresponsive; aborting it", slot.index, worker.pid)
+                self._kill(worker, signal.SIGABRT)
+                worker.aborted_at = now
+
+    @staticmethod
+    def _kill(worker: WorkerProcess, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, sig)
+
+    # --- changes from the admin API ------------------------------------------------
+
+    def submit(self, change: Change) -> concurrent.futures.Future[int]:
+        """Queue a change (thread-safe). The future resolves to the new generation once it
+        is committed and every live worker has applied it; or raises StateError,
+        WorkerNotAcknowledged, or the store's error."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self.requests.put((change, future))
+        with contextlib.suppress(BlockingIOError):  # full: the loop is already due to wake
+            self._wake_w.send(b"r")
+        return future
+
+    def handle_requests(self) -> None:
+        while True:
+            try:
+                change, future = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                new_state = apply_change(self.state, change)  # validates against the state
+                self.store.apply(change)  # invariant 2: commit first...
+            except Exception as exc:
+                future.set_exception(exc)
+                continue
+            self.state = new_state  # ...then the supervisor's state, then the workers
+            live = [s.worker for s in self.slots if s.worker is not None]
+            delta = pipe.Delta(change, new_state.generation)
+            for worker in live:
+                self._send(worker, delta)
+            waiting = {w.pid for w in live if w.generation < new_state.generation}
+            self.pending.append(
+                PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
+            )
+        self._settle_pending()
+
+    def _acknowledged(self, worker: WorkerProcess) -> None:
+        for pending in self.pending:
+            if worker.generation >= pending.generation:
+                pending.waiting.discard(worker.pid)
+        self._settle_pending()
+
+    def _settle_pending(self) -> None:
+        done = [p for p in self.pending if not p.waiting]
+        for pending in done:
+            self.pending.remove(pending)
+            pending.future.set_result(pending.generation)
+
+    def expire_pending(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self.pending if p.deadline <= now]:
+            self.pending.remove(pending)
+            pids = sorted(pending.waiting)
+            for slot in self.slots:
+                if slot.worker is not None and slot.worker.pid in pids:
+                    self._kill(slot.worker, signal.SIGKILL)
+            pending.future.set_exception(
+                WorkerNotAcknowledged(
+                    f"change committed (generation {pending.generation}) but workers {pids}"
+                    f" did not apply it within {ACK_TIMEOUT}s; they are being restarted"
+                )
+            )
+
+    # --- shutdown ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop accepting, let workers drain up to shutdown_timeout, then kill the rest."""
+        self.stopping = True
+        for slot in self.slots:
+            for sock in slot.sockets.values():
+                sock.close()
+        live = [s.worker for s in self.slots if s.worker is not None]
+        for worker in live:
+            self._kill(worker, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.proxy.shutdown_timeout + 5.0
+        while any(s.worker is not None for s in self.slots) and time.monotonic() < deadline:
+            self.wait(0.1)
+            self.reap()
+            if len(self.signals) and signal.SIGINT in self.signals:
+                log.info("second interrupt: not waiting for connections to drain")
+                break
+        for slot in self.slots:
+            if slot.worker is not None:
+                log.warning("worker %d did not stop in time; killing it", slot.index)
+                self._kill(slot.worker, signal.SIGKILL)
+                slot.worker.process.wait()
+                self._forget(slot)
+        for pending in self.pending:
+            pending.future.set_exception(RuntimeError("the supervisor is stopping"))
+        self.pending.clear()
+
+
+def enable_fault_dumps() -> None:
+    """A SIGABRT from the heartbeat check prints where a stuck process was."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)

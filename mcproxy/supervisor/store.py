@@ -1,0 +1,287 @@
+"""SQLite persistence of the routing state (supervisor only; invariant 3).
+
+The database is the source of truth after the first start (invariant 1): the
+YAML seeds it only when it is empty. Every admin change is one transaction
+(:meth:`Store.apply`) that commits before the supervisor publishes the new
+state. Schema changes are forward-only numbered migrations, each applied once
+and recorded in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import apsw
+
+from mcproxy.model import (
+    Change,
+    FirewallRuleAdded,
+    FirewallRuleKind,
+    FirewallRuleRemoved,
+    FirewallRules,
+    L7Policy,
+    Listener,
+    ListenerMaxConnectionsSet,
+    Mode,
+    PolicyAdded,
+    PolicyKind,
+    PolicyRemoved,
+    ProxyState,
+    Route,
+    RouteAdded,
+    RouteRemoved,
+    StateError,
+    make_state,
+    parse_address,
+)
+
+__all__ = ["MIGRATIONS", "Store", "StoreError"]
+
+
+class StoreError(Exception):
+    """The database cannot be opened or is not one of ours."""
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE listeners (
+        id INTEGER PRIMARY KEY,
+        addr TEXT NOT NULL UNIQUE,
+        proxy_protocol INTEGER NOT NULL DEFAULT 0 CHECK (proxy_protocol IN (0, 1)),
+        max_connections INTEGER NOT NULL DEFAULT 0 CHECK (max_connections >= 0)
+    );
+    CREATE TABLE routes (
+        id INTEGER PRIMARY KEY,
+        listener_id INTEGER NOT NULL REFERENCES listeners(id) ON DELETE CASCADE,
+        hostname TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        mode TEXT NOT NULL DEFAULT 'l4' CHECK (mode IN ('l4', 'l7')),
+        tls_cert TEXT,
+        tls_key TEXT,
+        backend_tls INTEGER NOT NULL DEFAULT 0 CHECK (backend_tls IN (0, 1)),
+        send_proxy_protocol INTEGER NOT NULL DEFAULT 0 CHECK (send_proxy_protocol IN (0, 1)),
+        UNIQUE (listener_id, hostname)
+    );
+    CREATE TABLE firewall_rules (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('ip', 'cidr', 'country')),
+        value TEXT NOT NULL,
+        UNIQUE (kind, value)
+    );
+    CREATE TABLE l7_policies (
+        id INTEGER PRIMARY KEY,
+        route_id INTEGER NOT NULL REFERENCES routes(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('block_user_agent', 'require_header')),
+        value TEXT NOT NULL,
+        UNIQUE (route_id, kind, value)
+    );
+    """,
+)
+
+
+@dataclass
+class Store:
+    """One apsw connection, used only from the supervisor's loop thread."""
+
+    path: str
+    db: apsw.Connection
+
+    @classmethod
+    def open(cls, path: str) -> Store:
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            db = apsw.Connection(path)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA synchronous = FULL")
+            db.set_busy_timeout(5000)
+        except apsw.Error as exc:
+            raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+        store = cls(path, db)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[apsw.Connection]:
+        with self.db:
+            yield self.db
+
+    def schema_version(self) -> int:
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        row = self.db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def migrate(self) -> None:
+        try:
+            current = self.schema_version()
+        except apsw.Error as exc:
+            raise StoreError(f"{self.path}: not an mc-proxy database: {exc}") from exc
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {current} is newer than this mc-proxy"
+                f" ({len(MIGRATIONS)}); refusing to downgrade"
+            )
+        for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self._transaction() as db:
+                db.execute(sql)
+                db.execute("INSERT INTO schema_migrations VALUES (?, datetime('now'))", (version,))
+
+    def is_empty(self) -> bool:
+        for table in ("listeners", "firewall_rules"):
+            if self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                return False
+        return True
+
+    def seed(self, state: ProxyState) -> None:
+        """Write a whole state into an empty database, in one transaction."""
+        with self._transaction():
+            for listener in state.listeners.values():
+                self._insert_listener(listener)
+            for kind in FirewallRuleKind:
+                for value in sorted(state.firewall.values(kind)):
+                    self._apply(FirewallRuleAdded(kind, value))
+
+    def load(self) -> ProxyState:
+        db = self.db
+        policies: dict[int, list[L7Policy]] = {}
+        for route_id, kind, value in db.execute(
+            "SELECT route_id, kind, value FROM l7_policies ORDER BY id"
+        ):
+            policies.setdefault(route_id, []).append(L7Policy(PolicyKind(kind), value))
+        routes: dict[int, dict[str, Route]] = {}
+        for row in db.execute(
+            "SELECT id, listener_id, hostname, backend, mode, tls_cert, tls_key,"
+            " backend_tls, send_proxy_protocol FROM routes ORDER BY id"
+        ):
+            route_id, listener_id, hostname, backend, mode, cert, key, btls, spp = row
+            routes.setdefault(listener_id, {})[hostname] = Route(
+                hostname=hostname,
+                backend=parse_address(backend),
+                mode=Mode(mode),
+                tls_cert=cert,
+                tls_key=key,
+                backend_tls=bool(btls),
+                send_proxy_protocol=bool(spp),
+                policies=tuple(policies.get(route_id, ())),
+            )
+        listeners = [
+            Listener(
+                addr=parse_address(addr),
+                proxy_protocol=bool(pp),
+                max_connections=int(limit),
+                routes=routes.get(listener_id, {}),
+            )
+            for listener_id, addr, pp, limit in db.execute(
+                "SELECT id, addr, proxy_protocol, max_connections FROM listeners ORDER BY id"
+            )
+        ]
+        rules: dict[FirewallRuleKind, set[str]] = {kind: set() for kind in FirewallRuleKind}
+        for kind, value in db.execute("SELECT kind, value FROM firewall_rules"):
+            rules[FirewallRuleKind(kind)].add(value)
+        firewall = FirewallRules(
+            blocked_ips=frozenset(rules[FirewallRuleKind.IP]),
+            blocked_cidrs=frozenset(rules[FirewallRuleKind.CIDR]),
+            blocked_countries=frozenset(rules[FirewallRuleKind.COUNTRY]),
+        )
+        return make_state(1, listeners, firewall)
+
+    def apply(self, change: Change) -> None:
+        """Persist one change in its own transaction; raises StateError if it does not fit."""
+        with self._transaction():
+            self._apply(change)
+
+    # --- one statement group per change ------------------------------------------
+
+    def _insert_listener(self, listener: Listener) -> None:
+        self.db.execute(
+            "INSERT INTO listeners (addr, proxy_protocol, max_connections) VALUES (?, ?, ?)",
+            (str(listener.addr), int(listener.proxy_protocol), listener.max_connections),
+        )
+        for route in listener.routes.values():
+            self._apply(RouteAdded(str(listener.addr), route))
+
+    def _listener_id(self, addr: str) -> int:
+        row = self.db.execute("SELECT id FROM listeners WHERE addr = ?", (addr,)).fetchone()
+        if row is None:
+            raise StateError("not_found", f"no listener {addr}")
+        return int(row[0])
+
+    def _route_id(self, addr: str, hostname: str) -> int:
+        row = self.db.execute(
+            "SELECT id FROM routes WHERE listener_id = ? AND hostname = ?",
+            (self._listener_id(addr), hostname),
+        ).fetchone()
+        if row is None:
+            raise StateError("not_found", f"no route {hostname} on {addr}")
+        return int(row[0])
+
+    def _apply(self, change: Change) -> None:
+        db = self.db
+        try:
+            match change:
+                case RouteAdded(listener=addr, route=r):
+                    db.execute(
+                        "INSERT INTO routes (listener_id, hostname, backend, mode, tls_cert,"
+                        " tls_key, backend_tls, send_proxy_protocol)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            self._listener_id(addr),
+                            r.hostname,
+                            str(r.backend),
+                            r.mode.value,
+                            r.tls_cert,
+                            r.tls_key,
+                            int(r.backend_tls),
+                            int(r.send_proxy_protocol),
+                        ),
+                    )
+                    route_id = db.last_insert_rowid()
+                    for policy in r.policies:
+                        self._insert_policy(route_id, policy)
+                case RouteRemoved(listener=addr, hostname=hostname):
+                    db.execute("DELETE FROM routes WHERE id = ?", (self._route_id(addr, hostname),))
+                case FirewallRuleAdded(kind=kind, value=value):
+                    db.execute(
+                        "INSERT INTO firewall_rules (kind, value) VALUES (?, ?)",
+                        (kind.value, value),
+                    )
+                case FirewallRuleRemoved(kind=kind, value=value):
+                    db.execute(
+                        "DELETE FROM firewall_rules WHERE kind = ? AND value = ?",
+                        (kind.value, value),
+                    )
+                    if db.changes() == 0:
+                        raise StateError("not_found", f"no firewall rule {kind} {value}")
+                case ListenerMaxConnectionsSet(listener=addr, max_connections=limit):
+                    db.execute(
+                        "UPDATE listeners SET max_connections = ? WHERE id = ?",
+                        (limit, self._listener_id(addr)),
+                    )
+                case PolicyAdded(listener=addr, hostname=hostname, policy=policy):
+                    self._insert_policy(self._route_id(addr, hostname), policy)
+                case PolicyRemoved(listener=addr, hostname=hostname, policy=policy):
+                    db.execute(
+                        "DELETE FROM l7_policies WHERE route_id = ? AND kind = ? AND value = ?",
+                        (self._route_id(addr, hostname), policy.kind.value, policy.value),
+                    )
+                    if db.changes() == 0:
+                        raise StateError("not_found", f"no policy {policy.kind} {policy.value}")
+        except apsw.ConstraintError as exc:
+            raise StateError("already_exists", f"{change}: already exists ({exc})") from exc
+
+    def _insert_policy(self, route_id: int, policy: L7Policy) -> None:
+        self.db.execute(
+            "INSERT INTO l7_policies (route_id, kind, value) VALUES (?, ?, ?)",
+            (route_id, policy.kind.value, policy.value),
+        )

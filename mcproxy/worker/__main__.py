@@ -1,0 +1,5 @@
+import sys
+
+from mcproxy.worker.main import main
+
+sys.exit(main())

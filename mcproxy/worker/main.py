@@ -1,0 +1,174 @@
+"""The worker process: an asyncio loop that serves its slot's listening sockets.
+
+Started by the supervisor as ``python -m mcproxy.worker --pipe-fd N`` from a
+clean interpreter (fork+exec, invariant 5), with the pipe and its slot's
+SO_REUSEPORT sockets inherited. Everything else arrives on the pipe: a
+:class:`~mcproxy.pipe.Boot`, then a :class:`~mcproxy.pipe.Snapshot`, then
+:class:`~mcproxy.pipe.Delta` s. It never opens the database (invariant 3).
+
+Lifecycle: boot -> first snapshot -> start accepting -> (deltas, heartbeats)
+-> SIGTERM or supervisor gone -> stop accepting -> drain -> exit 0. A failure
+before the first snapshot exits with :data:`BOOT_ERROR` so that the supervisor
+halts instead of respawning in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from mcproxy import pipe
+from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.worker.listener import ConnectionServer
+
+__all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
+
+BOOT_ERROR = 3
+HEARTBEAT_INTERVAL = 1.0
+
+log = logging.getLogger("mcproxy.worker")
+
+
+class Worker:
+    def __init__(self, pipe_sock: socket.socket) -> None:
+        self.pipe_sock = pipe_sock
+        self.decoder = pipe.FrameDecoder()
+        self.state = ProxyState()
+        self.server: ConnectionServer | None = None
+        self.boot: pipe.Boot | None = None
+        self.stopping = asyncio.Event()
+        self.booted = False
+        self.failure: Exception | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        self.pipe_sock.setblocking(False)
+        loop.add_reader(self.pipe_sock.fileno(), self._on_pipe_readable)
+        heartbeat = loop.create_task(self._heartbeat())
+        await self.stopping.wait()
+        # Draining is under way; the supervisor escalates with SIGKILL if it must.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        heartbeat.cancel()
+        if self.failure is not None:
+            raise self.failure
+        if self.server is not None:
+            self.server.stop_listening()
+            timeout = self.server.timeouts.shutdown_timeout
+            log.info("draining %d connections (up to %ss)", len(self.server.connections), timeout)
+            await self.server.drain(timeout)
+        return 0
+
+    def _on_pipe_readable(self) -> None:
+        try:
+            data = self.pipe_sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone: nobody will route for us any more
+            asyncio.get_running_loop().remove_reader(self.pipe_sock.fileno())
+            log.warning("supervisor pipe closed; shutting down")
+            self.stopping.set()
+            return
+        try:
+            for message in self.decoder.feed(data):
+                self._handle(message)
+        except Exception as exc:  # a pipe we cannot follow leaves us with unknown state
+            self.failure = exc
+            self.stopping.set()
+
+    def _handle(self, message: pipe.Message) -> None:
+        match message:
+            case pipe.Boot():
+                self._boot(message)
+            case pipe.Snapshot(state=state):
+                self._set_state(state)
+                if not self.booted:
+                    self._start_serving()
+            case pipe.Delta(change=change, generation=generation):
+                if generation != self.state.generation + 1:
+                    raise RuntimeError(
+                        f"delta for generation {generation} on top of {self.state.generation}"
+                    )
+                try:
+                    self._set_state(apply_change(self.state, change))
+                except StateError as exc:  # the supervisor checked it: a bug if we get here
+                    raise RuntimeError(f"delta does not apply: {exc}") from exc
+            case _:
+                raise RuntimeError(f"unexpected message {message!r}")
+        if isinstance(message, pipe.Snapshot | pipe.Delta):
+            self._send(pipe.Ack(self.state.generation))
+
+    def _boot(self, boot: pipe.Boot) -> None:
+        from setproctitle import setproctitle
+
+        self.boot = boot
+        setproctitle(f"mc-proxy: worker {boot.slot}")
+        self.server = ConnectionServer(asyncio.get_running_loop(), boot.timeouts)
+
+    def _start_serving(self) -> None:
+        assert self.boot is not None and self.server is not None
+        sockets = {addr: socket.socket(fileno=fd) for addr, fd in self.boot.listen_fds.items()}
+        self.server.start_listening(sockets)
+        self.booted = True
+        log.info("worker %d serving generation %d", self.boot.slot, self.state.generation)
+
+    def _set_state(self, state: ProxyState) -> None:
+        self.state = state
+        if self.server is not None:
+            self.server.update_state(state)
+
+    def _send(self, message: pipe.Message) -> None:
+        try:
+            self.pipe_sock.sendall(pipe.encode(message))
+        except BlockingIOError:
+            # The supervisor reads continuously; a full socket buffer means it is stuck.
+            # Blocking briefly is better than losing an Ack.
+            self.pipe_sock.setblocking(True)
+            try:
+                self.pipe_sock.sendall(pipe.encode(message))
+            finally:
+                self.pipe_sock.setblocking(False)
+        except OSError:
+            self.stopping.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            active = len(self.server.connections) if self.server else 0
+            self._send(pipe.Heartbeat(self.state.generation, active))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+
+def _install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    if os.environ.get("MCPROXY_NO_UVLOOP") != "1":
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mcproxy.worker")
+    parser.add_argument("--pipe-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+        stream=sys.stderr,
+    )
+    # The supervisor forwards SIGINT as SIGTERM; a terminal's ^C must not hit us twice.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _install_event_loop_policy()
+    worker = Worker(socket.socket(fileno=args.pipe_fd))
+    try:
+        return asyncio.run(worker.run())
+    except Exception:
+        log.exception("worker failed")
+        return 1 if worker.booted else BOOT_ERROR
