@@ -16,9 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from mcproxy.config import ProxyTimeouts
@@ -27,9 +25,10 @@ from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHell
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, encode_v2
+from mcproxy.worker.records import ConnectionRecord, RequestRecord
 from mcproxy.worker.relay import Relay, reset
 
-__all__ = ["Admission", "ConnectionRecord", "ConnectionServer", "L7Handler", "NoLimits"]
+__all__ = ["Admission", "ConnectionServer", "L7Handler", "NoLimits"]
 
 log = logging.getLogger("mcproxy.worker")
 access_log = logging.getLogger("mcproxy.access")
@@ -38,44 +37,6 @@ PROXY_HEADER_TIMEOUT = 5.0
 """The PROXY spec's advice: a header comes at once or the peer is not a proxy."""
 _READ_SIZE = 4096
 _ACCEPT_BATCH = 64
-
-
-@dataclass(slots=True)
-class ConnectionRecord:
-    """What happened to one connection: the access-log line and the metrics come from it."""
-
-    listener: str
-    client: tuple[str, int]
-    local: tuple[str, int]
-    started: float = field(default_factory=time.monotonic)
-    sni: str | None = None
-    route: Route | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    outcome: str = "open"
-    detail: str = ""
-
-    @property
-    def client_ip(self) -> str:
-        return self.client[0]
-
-    def log_line(self) -> str:
-        route = self.route
-        fields = {
-            "client": self.client_ip,
-            "listener": self.listener,
-            "sni": self.sni or "-",
-            "route": route.hostname if route else "-",
-            "mode": route.mode.value if route else "-",
-            "backend": str(route.backend) if route else "-",
-            "up": self.bytes_up,
-            "down": self.bytes_down,
-            "duration": f"{time.monotonic() - self.started:.3f}",
-            "outcome": self.outcome,
-        }
-        if self.detail:
-            fields["detail"] = '"' + self.detail.replace('"', "'") + '"'
-        return " ".join(f"{key}={value}" for key, value in fields.items())
 
 
 class Admission(Protocol):
@@ -117,6 +78,9 @@ class ConnectionServer:
         self.firewall = Firewall(self.state.firewall)
         self.connections: set[asyncio.Task[None]] = set()
         self.on_finished: list[Callable[[ConnectionRecord], None]] = []
+        """Called once per connection when it ends (access log, metrics)."""
+        self.on_request: list[Callable[[RequestRecord], None]] = []
+        """Called once per L7 request when it ends; the L7 handler calls these."""
         self._listening: dict[str, socket.socket] = {}
 
     def update_state(self, state: ProxyState) -> None:
@@ -298,8 +262,10 @@ class ConnectionServer:
     async def _relay(
         self, client: socket.socket, consumed: bytes, route: Route, record: ConnectionRecord
     ) -> None:
+        dial_started = self.loop.time()
         try:
             backend = await self.dial(route.backend)
+            record.dial_seconds = self.loop.time() - dial_started
         except TimeoutError:
             record.outcome, record.detail = (
                 "backend_timeout",

@@ -1,0 +1,71 @@
+"""What happened to one connection or one L7 request.
+
+The access log and the metrics are both derived from these records when the
+connection or request ends, so nothing is counted on the per-byte path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mcproxy.model import Route
+
+__all__ = ["ConnectionRecord", "RequestRecord"]
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What happened to one connection: the access-log line and the metrics come from it."""
+
+    listener: str
+    client: tuple[str, int]
+    local: tuple[str, int]
+    started: float = field(default_factory=time.monotonic)
+    sni: str | None = None
+    route: Route | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    outcome: str = "open"
+    detail: str = ""
+    dial_seconds: float | None = None
+    """Time to connect to the backend, when a dial succeeded."""
+
+    @property
+    def client_ip(self) -> str:
+        return self.client[0]
+
+    def log_line(self) -> str:
+        route = self.route
+        fields = {
+            "client": self.client_ip,
+            "listener": self.listener,
+            "sni": self.sni or "-",
+            "route": route.hostname if route else "-",
+            "mode": route.mode.value if route else "-",
+            "backend": str(route.backend) if route else "-",
+            "up": self.bytes_up,
+            "down": self.bytes_down,
+            "duration": f"{time.monotonic() - self.started:.3f}",
+            "outcome": self.outcome,
+        }
+        if self.detail:
+            fields["detail"] = '"' + self.detail.replace('"', "'") + '"'
+        return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One HTTP request proxied by an L7 route (HTTP/2 stream or HTTP/1.1 exchange)."""
+
+    listener: str
+    route: str
+    """The route's hostname."""
+    method: str
+    status: int
+    """The status sent to the client (403 for a policy block, 502/504 when mc-proxy answered)."""
+    duration: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+    blocked_by: str | None = None
+    """The policy kind that answered 403, if any."""
