@@ -1,0 +1,150 @@
+"""The arbiter's steps, one at a time, with os.waitpid patched (no real processes)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcproxy.config import Config
+from mcproxy.model import ProxyState
+from mcproxy.supervisor import manager
+from mcproxy.supervisor.manager import (
+    Halt,
+    PendingChange,
+    Slot,
+    Supervisor,
+    WorkerProcess,
+)
+from mcproxy.supervisor.store import Store
+from mcproxy.worker.main import BOOT_ERROR
+
+
+class FakePopen:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    store = Store.open(str(tmp_path / "db"))
+    sup = Supervisor(Config(path="test.yaml", workers=2), store, ProxyState(generation=1))
+    sup.slots = [Slot(1, {}), Slot(2, {})]
+    yield sup
+    store.close()
+
+
+def give_worker(sup: Supervisor, slot: Slot, pid: int, age: float) -> WorkerProcess:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    worker = WorkerProcess(slot.index, FakePopen(pid), ours, started=time.monotonic() - age)  # type: ignore[arg-type]
+    slot.worker = worker
+    return worker
+
+
+def exits(monkeypatch: pytest.MonkeyPatch, results: list[tuple[int, int]]) -> None:
+    """Make os.waitpid report these (pid, exit code) pairs, then 'nothing more'."""
+    queue = [(pid, code << 8) for pid, code in results]
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        return queue.pop(0) if queue else (0, 0)
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+
+
+def test_a_worker_that_ran_a_while_is_respawned_at_once(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = supervisor.slots[0]
+    give_worker(supervisor, slot, 1001, age=60)
+    exits(monkeypatch, [(1001, 1)])
+    supervisor.reap()
+    assert slot.worker is None
+    assert slot.respawn_at <= time.monotonic()
+    assert supervisor.worker_restarts == 1
+
+
+def test_quick_deaths_back_off_exponentially(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = supervisor.slots[0]
+    delays = []
+    for attempt in range(12):
+        give_worker(supervisor, slot, 2000 + attempt, age=0.1)
+        exits(monkeypatch, [(2000 + attempt, 1)])
+        supervisor.reap()
+        delays.append(round(slot.respawn_at - time.monotonic(), 1))
+    assert delays[:4] == [0.2, 0.4, 0.8, 1.6]
+    assert max(delays) == manager.MAX_BACKOFF
+    assert delays == sorted(delays)
+
+
+def test_a_boot_error_halts_instead_of_respawning(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    give_worker(supervisor, supervisor.slots[1], 3001, age=0.5)
+    exits(monkeypatch, [(3001, BOOT_ERROR)])
+    with pytest.raises(Halt, match="could not boot"):
+        supervisor.reap()
+
+
+def test_unknown_children_are_reaped_and_ignored(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = give_worker(supervisor, supervisor.slots[0], 4001, age=5)
+    exits(monkeypatch, [(4999, 0)])
+    supervisor.reap()
+    assert supervisor.slots[0].worker is worker
+    assert supervisor.worker_restarts == 0
+
+
+def test_a_dead_worker_no_longer_holds_up_a_change(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    give_worker(supervisor, supervisor.slots[0], 5001, age=30)
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    supervisor.pending.append(PendingChange(2, future, {5001}, time.monotonic() + 5))
+    exits(monkeypatch, [(5001, 1)])
+    supervisor.reap()
+    assert future.result(timeout=0) == 2
+    assert supervisor.pending == []
+
+
+def test_an_unanswered_change_fails_naming_the_worker(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    give_worker(supervisor, supervisor.slots[0], 6001, age=30)
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    supervisor.pending.append(PendingChange(2, future, {6001}, time.monotonic() - 0.1))
+    supervisor.expire_pending()
+    with pytest.raises(manager.WorkerNotAcknowledged, match="6001"):
+        future.result(timeout=0)
+    assert killed and killed[0][0] == 6001
+
+
+def test_a_silent_worker_gets_sigabrt_then_sigkill(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    worker = give_worker(supervisor, supervisor.slots[0], 7001, age=30)
+    sent: list[Any] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))
+    worker.last_seen = time.monotonic() - manager.HEARTBEAT_TIMEOUT - 1
+    supervisor.kill_unresponsive()
+    assert sent == [signal.SIGABRT]
+    assert worker.aborted_at is not None
+    worker.aborted_at -= manager.ABORT_GRACE + 1
+    supervisor.kill_unresponsive()
+    assert sent == [signal.SIGABRT, signal.SIGKILL]

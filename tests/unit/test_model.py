@@ -1,0 +1,118 @@
+"""apply_change is the one meaning of a change: supervisor and workers both call it."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcproxy.model import (
+    Address,
+    AddressError,
+    FirewallRuleAdded,
+    FirewallRuleKind,
+    FirewallRuleRemoved,
+    FirewallRules,
+    L7Policy,
+    Listener,
+    ListenerMaxConnectionsSet,
+    PolicyAdded,
+    PolicyKind,
+    PolicyRemoved,
+    ProxyState,
+    Route,
+    RouteAdded,
+    RouteRemoved,
+    StateError,
+    apply_change,
+    make_state,
+    normalize_hostname,
+    parse_address,
+)
+
+LISTENER = "127.0.0.1:8443"
+
+
+def state_with_route() -> ProxyState:
+    route = Route("a.test", Address("127.0.0.1", 9000))
+    listener = Listener(parse_address(LISTENER), routes={"a.test": route})
+    return make_state(1, [listener], FirewallRules())
+
+
+def test_parse_address_forms() -> None:
+    assert parse_address("127.0.0.1:443") == Address("127.0.0.1", 443)
+    assert parse_address(":443") == Address("", 443)
+    assert parse_address("[::1]:443") == Address("::1", 443)
+    assert str(parse_address("[::1]:443")) == "[::1]:443"
+    assert parse_address("Backend.Example:80") == Address("backend.example", 80)
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1", "::1:443", "[::1]443", "[nope]:1", "h:0", "h:65536", "h:x"]
+)
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(AddressError):
+        parse_address(text)
+
+
+def test_normalize_hostname() -> None:
+    assert normalize_hostname("ExAmple.COM.") == "example.com"
+    assert normalize_hostname("-bad.example") is None
+    assert normalize_hostname("a" * 64 + ".example") is None
+    assert normalize_hostname("exämple.com") is None
+
+
+def test_route_added_and_removed_bump_generation() -> None:
+    state = state_with_route()
+    route = Route("b.test", Address("127.0.0.1", 9001))
+    added = apply_change(state, RouteAdded(LISTENER, route))
+    assert added.generation == 2
+    assert added.listeners[LISTENER].routes["b.test"] == route
+    removed = apply_change(added, RouteRemoved(LISTENER, "a.test"))
+    assert set(removed.listeners[LISTENER].routes) == {"b.test"}
+    assert removed.generation == 3
+
+
+def test_changes_never_mutate_the_previous_state() -> None:
+    state = state_with_route()
+    apply_change(state, RouteRemoved(LISTENER, "a.test"))
+    assert "a.test" in state.listeners[LISTENER].routes
+
+
+def test_duplicate_and_missing_routes() -> None:
+    state = state_with_route()
+    route = Route("a.test", Address("127.0.0.1", 1))
+    with pytest.raises(StateError) as exists:
+        apply_change(state, RouteAdded(LISTENER, route))
+    assert exists.value.kind == "already_exists"
+    with pytest.raises(StateError) as missing:
+        apply_change(state, RouteRemoved(LISTENER, "zz.test"))
+    assert missing.value.kind == "not_found"
+    with pytest.raises(StateError) as no_listener:
+        apply_change(state, RouteRemoved("127.0.0.1:1", "a.test"))
+    assert no_listener.value.kind == "not_found"
+
+
+def test_firewall_rules_add_and_remove() -> None:
+    state = state_with_route()
+    added = apply_change(state, FirewallRuleAdded(FirewallRuleKind.CIDR, "10.0.0.0/8"))
+    assert added.firewall.blocked_cidrs == frozenset({"10.0.0.0/8"})
+    with pytest.raises(StateError):
+        apply_change(added, FirewallRuleAdded(FirewallRuleKind.CIDR, "10.0.0.0/8"))
+    removed = apply_change(added, FirewallRuleRemoved(FirewallRuleKind.CIDR, "10.0.0.0/8"))
+    assert removed.firewall.blocked_cidrs == frozenset()
+    with pytest.raises(StateError):
+        apply_change(removed, FirewallRuleRemoved(FirewallRuleKind.IP, "192.0.2.1"))
+
+
+def test_max_connections_and_policies() -> None:
+    state = state_with_route()
+    limited = apply_change(state, ListenerMaxConnectionsSet(LISTENER, 50))
+    assert limited.listeners[LISTENER].max_connections == 50
+    policy = L7Policy(PolicyKind.REQUIRE_HEADER, "x-api-key")
+    with_policy = apply_change(limited, PolicyAdded(LISTENER, "a.test", policy))
+    assert with_policy.listeners[LISTENER].routes["a.test"].policies == (policy,)
+    with pytest.raises(StateError):
+        apply_change(with_policy, PolicyAdded(LISTENER, "a.test", policy))
+    without = apply_change(with_policy, PolicyRemoved(LISTENER, "a.test", policy))
+    assert without.listeners[LISTENER].routes["a.test"].policies == ()
+    with pytest.raises(StateError):
+        apply_change(without, PolicyRemoved(LISTENER, "a.test", policy))
