@@ -213,6 +213,30 @@ def test_missing_malformed_or_late_header_is_reset(
     assert alpha.connections == 0
 
 
+def test_header_must_come_within_5s_even_with_a_longer_handshake_timeout(
+    tmp_path: Path, ca: CA, alpha: TlsBackend
+) -> None:
+    """5 s bounds the header alone; the ClientHello may take the rest of handshake_timeout."""
+    port = free_port()
+    proxy = ProxyProcess(
+        tmp_path, {"listeners": [listener(f"127.0.0.1:{port}", alpha, proxy_protocol=True)]}, 1
+    )
+    proxy.config["proxy"]["handshake_timeout"] = "10s"
+    with proxy:
+        prompt = connect(port, OTHER_CLIENT)
+        prompt.sendall(encode_v2_local())  # the header at once, the ClientHello later
+        prompt_started = time.monotonic()
+        with connect(port) as slow:
+            slow.sendall(b"PROXY TCP4 192.0.2.1 ")
+            started = time.monotonic()
+            assert is_reset(slow, timeout=9)
+            assert 4.9 <= time.monotonic() - started < 9
+        assert time.monotonic() - prompt_started > 5
+        assert ask_name(prompt, "alpha.test", ca) == "alpha.test"
+        assert clients_with(proxy, "closed", 1) == [OTHER_CLIENT]
+        assert 'detail="no header in time"' in proxy.log()
+
+
 def test_listener_without_proxy_protocol_resets_a_header(
     tmp_path: Path, ca: CA, alpha: TlsBackend
 ) -> None:
