@@ -8,6 +8,7 @@ by fork+exec, so starting grpcio's threads before them is safe (invariant 5).
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 
 from setproctitle import setproctitle
@@ -31,10 +32,30 @@ def configure_logging() -> None:
     )
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit; the workers inherit it.
+
+    Each connection costs a worker one or two descriptors, and the usual soft limit
+    of 1024 would refuse accepts (EMFILE) long before the machine is busy: a few
+    hundred half-open connections from a slowloris would do it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still meets the kernel's fs.nr_open (1048576 by default).
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    log.info("open-file limit: %d", soft)
+
+
 def serve(config: Config) -> int:
     configure_logging()
     setproctitle("mc-proxy: supervisor")
     enable_fault_dumps()
+    raise_fd_limit()
     try:
         store = Store.open(config.database_path)
     except StoreError as exc:

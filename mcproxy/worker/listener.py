@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, Mode, ProxyState, Route, normalize_hostname
@@ -57,6 +57,15 @@ class NoLimits:
 
 L7Handler = Callable[[socket.socket, bytes, ClientHello, ConnectionRecord], Awaitable[None]]
 """Takes over a client socket whose ClientHello bytes were already read."""
+
+
+def _endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
+    """``(ip, port)`` of a socket address, in the one form the firewall, logs and headers use.
+
+    A dual-stack listener sees IPv4 clients as ``::ffff:a.b.c.d`` on both ends; unmapped,
+    they match IPv4 firewall rules, log as IPv4 and go out in a TCP4 PROXY header.
+    """
+    return client_ip(sockaddr[0]), int(sockaddr[1])
 
 
 class ConnectionServer:
@@ -130,7 +139,7 @@ class ConnectionServer:
     # --- one connection ----------------------------------------------------------
 
     async def _serve(self, sock: socket.socket, peer: tuple[str, int], addr: str) -> None:
-        record = ConnectionRecord(addr, (client_ip(peer[0]), peer[1]), sock.getsockname()[:2])
+        record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
         admitted: Listener | None = None
         try:
             listener = self.state.listeners.get(addr)
@@ -184,7 +193,13 @@ class ConnectionServer:
     async def _read_proxy_header(
         self, sock: socket.socket, record: ConnectionRecord, deadline: float
     ) -> bytes:
-        """Read the PROXY header; the real client becomes the header's source."""
+        """Read the PROXY header and return the bytes that followed it (the ClientHello's start).
+
+        The header's source becomes the client and its destination the local end, as
+        HAProxy does: what the firewall, the log and a forwarded PROXY header show is
+        the connection as the real client made it, not the hop from the upstream proxy.
+        LOCAL, UNKNOWN and address-less families keep the TCP endpoints.
+        """
         decoder = ProxyHeaderDecoder()
         try:
             async with asyncio.timeout_at(min(deadline, self.loop.time() + PROXY_HEADER_TIMEOUT)):
@@ -199,10 +214,9 @@ class ConnectionServer:
             raise Refused(Reason.PROXY_HEADER, "no header in time") from None
         except ProxyHeaderError as exc:
             raise Refused(Reason.PROXY_HEADER, str(exc)) from None
-        if header.source is not None:
-            record.client = (client_ip(header.source[0]), header.source[1])
-        if header.destination is not None:
-            record.local = header.destination
+        if header.source is not None and header.destination is not None:
+            record.client = _endpoint(header.source)
+            record.local = _endpoint(header.destination)
         return decoder.leftover
 
     async def _read_client_hello(
