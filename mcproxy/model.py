@@ -66,8 +66,10 @@ class AddressError(ValueError):
 class StateError(ValueError):
     """A change that does not fit the current state (unknown listener, duplicate route...).
 
-    ``kind`` is ``"not_found"`` or ``"already_exists"`` so that the admin API
-    can map it onto a gRPC status code without parsing the message.
+    ``kind`` is ``"not_found"``, ``"already_exists"`` or ``"invalid"`` (the
+    change contradicts the thing it targets, like a policy on an l4 route) so
+    that the admin API can map it onto a gRPC status code without parsing the
+    message.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -310,6 +312,11 @@ def apply_change(state: ProxyState, change: Change) -> ProxyState:
             return _with_listener(state, listener)
         case PolicyAdded(listener=addr, hostname=hostname, policy=policy):
             route = _route(state, addr, hostname)
+            if route.mode is not Mode.L7:
+                raise StateError(
+                    "invalid",
+                    f"route {hostname} on {addr} is mode {route.mode}; policies apply to l7 only",
+                )
             if policy in route.policies:
                 raise StateError("already_exists", f"policy {policy.kind} {policy.value} exists")
             return _with_route(state, addr, replace(route, policies=(*route.policies, policy)))
