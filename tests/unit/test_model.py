@@ -14,6 +14,7 @@ from mcproxy.model import (
     L7Policy,
     Listener,
     ListenerMaxConnectionsSet,
+    Mode,
     PolicyAdded,
     PolicyKind,
     PolicyRemoved,
@@ -31,8 +32,8 @@ from mcproxy.model import (
 LISTENER = "127.0.0.1:8443"
 
 
-def state_with_route() -> ProxyState:
-    route = Route("a.test", Address("127.0.0.1", 9000))
+def state_with_route(mode: Mode = Mode.L4) -> ProxyState:
+    route = Route("a.test", Address("127.0.0.1", 9000), mode)
     listener = Listener(parse_address(LISTENER), routes={"a.test": route})
     return make_state(1, [listener], FirewallRules())
 
@@ -104,7 +105,7 @@ def test_firewall_rules_add_and_remove() -> None:
 
 
 def test_max_connections_and_policies() -> None:
-    state = state_with_route()
+    state = state_with_route(Mode.L7)
     limited = apply_change(state, ListenerMaxConnectionsSet(LISTENER, 50))
     assert limited.listeners[LISTENER].max_connections == 50
     policy = L7Policy(PolicyKind.REQUIRE_HEADER, "x-api-key")
@@ -116,3 +117,11 @@ def test_max_connections_and_policies() -> None:
     assert without.listeners[LISTENER].routes["a.test"].policies == ()
     with pytest.raises(StateError):
         apply_change(without, PolicyRemoved(LISTENER, "a.test", policy))
+
+
+def test_policy_on_an_l4_route_is_refused() -> None:
+    state = state_with_route(Mode.L4)
+    change = PolicyAdded(LISTENER, "a.test", L7Policy(PolicyKind.REQUIRE_HEADER, "x-key"))
+    with pytest.raises(StateError, match="is mode l4; policies apply to l7 only") as caught:
+        apply_change(state, change)
+    assert caught.value.kind == "invalid"
