@@ -37,6 +37,9 @@ DEFAULT_SOCKET = "/srv/mc-proxy/admin.sock"
 DEFAULT_TIMEOUT = 30.0
 """Longer than the server's own wait for worker acknowledgements, so its message wins."""
 
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+"""gRPC's default 4 MiB holds ~70,000 routes in a ListRoutes reply; allow far more."""
+
 _Reply = TypeVar("_Reply")
 
 
@@ -66,7 +69,10 @@ class AdminClient:
     def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self._channel = grpc.insecure_channel(
+            f"unix:{self.socket_path}",
+            options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)],
+        )
         self._stub: Any = admin_pb2_grpc.ProxyAdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
