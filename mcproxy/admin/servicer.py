@@ -89,11 +89,11 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
         except Stopping as exc:
             return grpc.StatusCode.UNAVAILABLE, str(exc)
         except TimeoutError:
-            future.cancel()
-            return (
-                grpc.StatusCode.UNAVAILABLE,
-                f"the supervisor did not take the change within {self.change_timeout:g}s",
-            )
+            if future.cancel():  # the loop never picked it up: it will not be applied
+                why = "did not take the change; nothing was changed"
+            else:
+                why = "did not confirm the change; list before retrying"
+            return grpc.StatusCode.UNAVAILABLE, f"the supervisor {why} ({self.change_timeout:g}s)"
         except Exception as exc:  # the store failed: nothing was committed
             log.exception("admin: change failed")
             return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -440,7 +440,7 @@ class Supervisor:
             pending.future.set_exception(
                 WorkerNotAcknowledged(
                     f"change committed (generation {pending.generation}) but {names}"
-                    f" did not apply it within {ACK_TIMEOUT:g}s; restarting it with the"
+                    f" did not apply it within {ACK_TIMEOUT:g}s; restarting with the"
                     " committed state"
                 )
             )

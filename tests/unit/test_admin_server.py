@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from mcproxy.admin import cli
 from mcproxy.admin.client import AdminClient, AdminError, ListedRoute
 from mcproxy.admin.server import AdminServer, AdminSocketError, claim_socket_path
+from mcproxy.admin.servicer import AdminServicer
 from mcproxy.model import (
     Address,
     Change,
@@ -400,3 +401,18 @@ def test_table_and_duration_formatting() -> None:
         "1h 2m",
         "1d 1h",
     ]
+
+
+def test_change_the_loop_never_took_is_withdrawn(fake: FakeSupervisor) -> None:
+    servicer = AdminServicer(fake, change_timeout=0.01)
+    queued: concurrent.futures.Future[int] = concurrent.futures.Future()
+    assert servicer._wait(queued) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "the supervisor did not take the change; nothing was changed (0.01s)",
+    )
+    assert queued.cancelled()  # so the loop skips it (set_running_or_notify_cancel)
+    running: concurrent.futures.Future[int] = concurrent.futures.Future()
+    running.set_running_or_notify_cancel()
+    outcome = servicer._wait(running)
+    assert isinstance(outcome, tuple)
+    assert outcome[0] is grpc.StatusCode.UNAVAILABLE and "list before retrying" in outcome[1]
