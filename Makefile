@@ -28,5 +28,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check mcproxy tests bench
 	$(BIN)/mypy
 
+## proto: regenerate mcproxy/admin/v1 from proto/mc_proxy/v1/admin.proto
+proto: $(STAMP)
+	$(BIN)/python -m mcproxy.admin.protogen
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -11,8 +11,9 @@ what a change means.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -35,6 +36,7 @@ __all__ = [
     "Route",
     "RouteAdded",
     "RouteRemoved",
+    "RouteTable",
     "StateError",
     "apply_change",
     "make_state",
@@ -66,8 +68,10 @@ class AddressError(ValueError):
 class StateError(ValueError):
     """A change that does not fit the current state (unknown listener, duplicate route...).
 
-    ``kind`` is ``"not_found"`` or ``"already_exists"`` so that the admin API
-    can map it onto a gRPC status code without parsing the message.
+    ``kind`` is ``"not_found"``, ``"already_exists"`` or ``"invalid"`` (the
+    change contradicts the thing it targets, like a policy on an l4 route) so
+    that the admin API can map it onto a gRPC status code without parsing the
+    message.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -161,9 +165,86 @@ class Route:
     policies: tuple[L7Policy, ...] = ()
 
 
-def _freeze(routes: Mapping[str, Route]) -> Mapping[str, Route]:
-    """A fresh dict typed read-only: states share nothing mutable and stay picklable."""
-    return dict(routes)
+_REMOVED = None
+
+
+class RouteTable(Mapping[str, Route]):
+    """An immutable hostname -> route map where one change costs far less than a copy.
+
+    Every admin change makes a new state, and a listener may hold 10,000 routes
+    or more: copying the whole dict per change costs ~0.3 ms per 10,000 routes
+    in the supervisor and again in each worker. Instead a table is a ``base``
+    dict that versions share (never mutated once built) plus a small
+    ``overlay`` of the changes since, which is copied per change. When the
+    overlay outgrows about sqrt(n) entries it is folded into a new base, so a
+    change costs O(sqrt n) amortised and a lookup two dict probes.
+    """
+
+    __slots__ = ("_base", "_len", "_overlay")
+
+    def __init__(self, routes: Mapping[str, Route] | None = None) -> None:
+        self._base: dict[str, Route] = dict(routes or {})
+        self._overlay: dict[str, Route | None] = {}
+        self._len = len(self._base)
+
+    @classmethod
+    def of(cls, routes: Mapping[str, Route]) -> RouteTable:
+        return routes if isinstance(routes, RouteTable) else cls(routes)
+
+    def with_route(self, route: Route) -> RouteTable:
+        """A table with ``route`` added or replaced under its hostname."""
+        grows = route.hostname not in self
+        return self._derive(route.hostname, route, self._len + grows)
+
+    def without(self, hostname: str) -> RouteTable:
+        """A table without ``hostname`` (which must be present)."""
+        return self._derive(hostname, _REMOVED, self._len - 1)
+
+    def _derive(self, hostname: str, route: Route | None, length: int) -> RouteTable:
+        table = RouteTable.__new__(RouteTable)
+        table._base = self._base
+        table._overlay = {**self._overlay, hostname: route}
+        table._len = length
+        if len(table._overlay) > max(32, math.isqrt(len(self._base))):
+            table._base = dict(table.items())
+            table._overlay = {}
+        return table
+
+    def __getitem__(self, hostname: str) -> Route:
+        if hostname in self._overlay:
+            route = self._overlay[hostname]
+            if route is _REMOVED:
+                raise KeyError(hostname)
+            return route
+        return self._base[hostname]
+
+    def __contains__(self, hostname: object) -> bool:
+        if hostname in self._overlay:
+            return self._overlay[hostname] is not _REMOVED
+        return hostname in self._base
+
+    def __iter__(self) -> Iterator[str]:
+        overlay = self._overlay
+        for hostname in self._base:
+            if hostname not in overlay:
+                yield hostname
+        for hostname, route in overlay.items():
+            if route is not _REMOVED:
+                yield hostname
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"RouteTable({dict(self.items())!r})"
+
+    def __reduce__(self) -> tuple[type[RouteTable], tuple[dict[str, Route]]]:
+        return RouteTable, (dict(self.items()),)  # pickles (snapshots) flat
+
+
+def _freeze(routes: Mapping[str, Route]) -> RouteTable:
+    """Routes as a :class:`RouteTable`: states share nothing mutable and stay picklable."""
+    return RouteTable.of(routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +252,8 @@ class Listener:
     addr: Address
     proxy_protocol: bool = False
     max_connections: int = 0
-    routes: Mapping[str, Route] = field(default_factory=dict)
-    """Routes by lower-case hostname."""
+    routes: Mapping[str, Route] = field(default_factory=RouteTable)
+    """Routes by lower-case hostname (a :class:`RouteTable` in states built here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,15 +365,14 @@ def apply_change(state: ProxyState, change: Change) -> ProxyState:
             listener = state.listener(addr)
             if route.hostname in listener.routes:
                 raise StateError("already_exists", f"route {route.hostname} on {addr} exists")
-            listener = replace(listener, routes=_freeze({**listener.routes, route.hostname: route}))
+            listener = replace(listener, routes=_freeze(listener.routes).with_route(route))
             return _with_listener(state, listener)
         case RouteRemoved(listener=addr, hostname=hostname):
             listener = state.listener(addr)
             if hostname not in listener.routes:
                 raise StateError("not_found", f"no route {hostname} on {addr}")
-            routes = dict(listener.routes)
-            del routes[hostname]
-            return _with_listener(state, replace(listener, routes=_freeze(routes)))
+            routes = _freeze(listener.routes).without(hostname)
+            return _with_listener(state, replace(listener, routes=routes))
         case FirewallRuleAdded(kind=kind, value=value):
             values = state.firewall.values(kind)
             if value in values:
@@ -310,6 +390,11 @@ def apply_change(state: ProxyState, change: Change) -> ProxyState:
             return _with_listener(state, listener)
         case PolicyAdded(listener=addr, hostname=hostname, policy=policy):
             route = _route(state, addr, hostname)
+            if route.mode is not Mode.L7:
+                raise StateError(
+                    "invalid",
+                    f"route {hostname} on {addr} is mode {route.mode}; policies apply to l7 only",
+                )
             if policy in route.policies:
                 raise StateError("already_exists", f"policy {policy.kind} {policy.value} exists")
             return _with_route(state, addr, replace(route, policies=(*route.policies, policy)))
@@ -331,7 +416,7 @@ def _route(state: ProxyState, addr: str, hostname: str) -> Route:
 
 def _with_route(state: ProxyState, addr: str, route: Route) -> ProxyState:
     listener = state.listener(addr)
-    routes = _freeze({**listener.routes, route.hostname: route})
+    routes = _freeze(listener.routes).with_route(route)
     return _with_listener(state, replace(listener, routes=routes))
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Change, ProxyState
@@ -94,6 +95,8 @@ class Heartbeat:
 
     generation: int
     active_connections: int
+    listener_connections: Mapping[str, int] = field(default_factory=dict)
+    """Open connections by listener address (for ``GetStatus``)."""
 
 
 Message = Boot | Snapshot | Delta | Ack | Heartbeat

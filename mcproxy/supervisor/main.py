@@ -14,6 +14,7 @@ import sys
 from setproctitle import setproctitle
 
 from mcproxy import __version__
+from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
 from mcproxy.supervisor.manager import Supervisor, enable_fault_dumps
 from mcproxy.supervisor.sockets import ListenError
@@ -71,6 +72,11 @@ def serve(config: Config) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return 1
+    try:
+        admin = AdminServer(config.admin_socket, supervisor).start()
+    except AdminSocketError as exc:
+        log.error("%s", exc)
+        return 1
     supervisor.install_signal_handlers()
     log.info(
         "mc-proxy %s: %d listeners, %d routes, %d workers",
@@ -82,4 +88,5 @@ def serve(config: Config) -> int:
     try:
         return supervisor.run()
     finally:
+        admin.stop()
         store.close()

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mcproxy
@@ -34,10 +35,11 @@ from mcproxy import pipe
 from mcproxy.config import Config
 from mcproxy.model import Change, ProxyState, apply_change
 from mcproxy.supervisor.sockets import open_listening_socket
+from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
 from mcproxy.worker.main import BOOT_ERROR
 
-__all__ = ["Halt", "Supervisor", "WorkerNotAcknowledged"]
+__all__ = ["Halt", "Stopping", "Supervisor", "WorkerNotAcknowledged"]
 
 log = logging.getLogger("mcproxy.supervisor")
 
@@ -55,6 +57,10 @@ class Halt(Exception):
     """Stop the whole server with this message and a non-zero exit."""
 
 
+class Stopping(Exception):
+    """The supervisor is shutting down and takes no more changes."""
+
+
 class WorkerNotAcknowledged(Exception):
     """A change was committed but some workers did not confirm it in time (they are restarted)."""
 
@@ -68,6 +74,7 @@ class WorkerProcess:
     decoder: pipe.FrameDecoder = field(default_factory=pipe.FrameDecoder)
     generation: int = 0
     active_connections: int = 0
+    listener_connections: Mapping[str, int] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     aborted_at: float | None = None
 
@@ -109,6 +116,8 @@ class Supervisor:
         self.stopping = False
         self.worker_restarts = 0
         self.worker_env: dict[str, str] = {}
+        self.samples: tuple[WorkerSample, ...] = ()
+        """The worker table as of the last loop turn; replaced whole, read by API threads."""
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -139,6 +148,7 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
         try:
             self.fill_slots()
+            self.publish_status()
             while not self.stopping:
                 self.wait(self._next_timeout())
                 self.handle_signals()
@@ -148,6 +158,7 @@ class Supervisor:
                 self.kill_unresponsive()
                 if not self.stopping:
                     self.fill_slots()
+                self.publish_status()
         except Halt as halt:
             log.error("%s", halt)
             self.stop()
@@ -265,6 +276,7 @@ class Supervisor:
                 case pipe.Heartbeat(generation=generation, active_connections=active):
                     worker.generation = generation
                     worker.active_connections = active
+                    worker.listener_connections = message.listener_connections
                 case _:
                     log.warning("worker %d sent unexpected %r", worker.slot, message)
 
@@ -335,13 +347,46 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, sig)
 
-    # --- changes from the admin API ------------------------------------------------
+    # --- status and changes for the admin API -------------------------------------
+
+    def publish_status(self) -> None:
+        """Swap in a fresh immutable worker table for :meth:`status` (loop thread only)."""
+        self.samples = tuple(
+            WorkerSample(
+                slot=s.index,
+                pid=s.worker.pid,
+                generation=s.worker.generation,
+                active_connections=s.worker.active_connections,
+                listener_connections=s.worker.listener_connections,
+                started=s.worker.started,
+            )
+            if s.worker is not None
+            else WorkerSample(slot=s.index, pid=0)
+            for s in self.slots
+        )
+
+    def status(self) -> Status:
+        """Version, uptime, workers and listeners (thread-safe: reads immutable values only)."""
+        samples = self.samples
+        return build_status(
+            version=mcproxy.__version__,
+            state=self.state,
+            samples=samples,
+            counts=HeartbeatCounts(samples),
+            started_at=self.started_at,
+            worker_restarts=self.worker_restarts,
+            now=time.time(),
+            now_monotonic=time.monotonic(),
+        )
 
     def submit(self, change: Change) -> concurrent.futures.Future[int]:
         """Queue a change (thread-safe). The future resolves to the new generation once it
         is committed and every live worker has applied it; or raises StateError,
-        WorkerNotAcknowledged, or the store's error."""
+        WorkerNotAcknowledged, Stopping, or the store's error."""
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if self.stopping:
+            future.set_exception(Stopping("mc-proxy is shutting down; no changes accepted"))
+            return future
         self.requests.put((change, future))
         with contextlib.suppress(BlockingIOError):  # full: the loop is already due to wake
             self._wake_w.send(b"r")
@@ -388,14 +433,15 @@ class Supervisor:
         now = time.monotonic()
         for pending in [p for p in self.pending if p.deadline <= now]:
             self.pending.remove(pending)
-            pids = sorted(pending.waiting)
-            for slot in self.slots:
-                if slot.worker is not None and slot.worker.pid in pids:
-                    self._kill(slot.worker, signal.SIGKILL)
+            late = [s.worker for s in self.slots if s.worker and s.worker.pid in pending.waiting]
+            for worker in late:
+                self._kill(worker, signal.SIGKILL)
+            names = ", ".join(f"worker {w.slot} (pid {w.pid})" for w in late)
             pending.future.set_exception(
                 WorkerNotAcknowledged(
-                    f"change committed (generation {pending.generation}) but workers {pids}"
-                    f" did not apply it within {ACK_TIMEOUT}s; they are being restarted"
+                    f"change committed (generation {pending.generation}) but {names}"
+                    f" did not apply it within {ACK_TIMEOUT:g}s; restarting with the"
+                    " committed state"
                 )
             )
 
@@ -424,8 +470,15 @@ class Supervisor:
                 slot.worker.process.wait()
                 self._forget(slot)
         for pending in self.pending:
-            pending.future.set_exception(RuntimeError("the supervisor is stopping"))
+            pending.future.set_exception(Stopping("mc-proxy stopped before every worker acked"))
         self.pending.clear()
+        while True:
+            try:
+                _, future = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Stopping("mc-proxy is shutting down; no changes accepted"))
 
 
 def enable_fault_dumps() -> None:

@@ -13,6 +13,8 @@ Any :class:`Refused` ends in a RST; any other error ends this connection alone
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import ipaddress
 import logging
 import socket
@@ -86,6 +88,8 @@ class ConnectionServer:
         self.state = ProxyState()
         self.firewall = Firewall(self.state.firewall)
         self.connections: set[asyncio.Task[None]] = set()
+        self.active_by_listener: collections.Counter[str] = collections.Counter()
+        """Open connections per listener address, reported in heartbeats."""
         self.on_finished: list[Callable[[ConnectionRecord], None]] = []
         """Called once per connection when it ends (access log, metrics)."""
         self.on_request: list[Callable[[RequestRecord], None]] = []
@@ -125,7 +129,14 @@ class ConnectionServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self.loop.create_task(self._serve(sock, peer, addr))
             self.connections.add(task)
-            task.add_done_callback(self.connections.discard)
+            self.active_by_listener[addr] += 1
+            task.add_done_callback(functools.partial(self._finished, addr))
+
+    def _finished(self, addr: str, task: asyncio.Task[None]) -> None:
+        self.connections.discard(task)
+        self.active_by_listener[addr] -= 1
+        if not self.active_by_listener[addr]:
+            del self.active_by_listener[addr]
 
     async def drain(self, timeout: float) -> None:
         """Wait for open connections to end by themselves, then cut the rest."""

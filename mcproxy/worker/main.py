@@ -140,8 +140,10 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         while True:
-            active = len(self.server.connections) if self.server else 0
-            self._send(pipe.Heartbeat(self.state.generation, active))
+            server = self.server
+            active = len(server.connections) if server else 0
+            by_listener = dict(server.active_by_listener) if server else {}
+            self._send(pipe.Heartbeat(self.state.generation, active, by_listener))
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 

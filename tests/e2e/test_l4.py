@@ -185,7 +185,7 @@ def test_idle_connection_is_closed(tmp_path: Path, backends: dict[str, TlsBacken
                 pass
             raise ConnectionResetError("closed")
         assert 0.9 < time.monotonic() - started < 5
-        assert "outcome=idle_timeout" in wait_for(proxy.log, 5, "log")
+        wait_for(lambda: "outcome=idle_timeout" in proxy.log(), 5, "outcome=idle_timeout logged")
 
 
 def test_access_log_line_has_every_field(proxy: Any, ca: CA) -> None:

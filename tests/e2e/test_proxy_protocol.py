@@ -207,8 +207,13 @@ def test_missing_malformed_or_late_header_is_reset(
             started = time.monotonic()
             assert is_reset(sock)
             assert time.monotonic() - started >= 0.9
-        details = re.findall(r"outcome=refused:proxy_header detail=\"([^\"]*)\"", proxy.log())
-        assert len(details) == 1 + len(malformed) + 1
+
+        # The RST reaches us before the worker writes the access-log line: wait for it.
+        def refusals() -> list[str] | None:
+            found = re.findall(r"outcome=refused:proxy_header detail=\"([^\"]*)\"", proxy.log())
+            return found if len(found) == 1 + len(malformed) + 1 else None
+
+        details = wait_for(refusals, 5, "every refusal logged")
         assert details[-1] == "no header in time"
     assert alpha.connections == 0
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from mcproxy import pipe
 from mcproxy.model import (
     Address,
     AddressError,
@@ -14,6 +17,7 @@ from mcproxy.model import (
     L7Policy,
     Listener,
     ListenerMaxConnectionsSet,
+    Mode,
     PolicyAdded,
     PolicyKind,
     PolicyRemoved,
@@ -21,6 +25,7 @@ from mcproxy.model import (
     Route,
     RouteAdded,
     RouteRemoved,
+    RouteTable,
     StateError,
     apply_change,
     make_state,
@@ -31,8 +36,8 @@ from mcproxy.model import (
 LISTENER = "127.0.0.1:8443"
 
 
-def state_with_route() -> ProxyState:
-    route = Route("a.test", Address("127.0.0.1", 9000))
+def state_with_route(mode: Mode = Mode.L4) -> ProxyState:
+    route = Route("a.test", Address("127.0.0.1", 9000), mode)
     listener = Listener(parse_address(LISTENER), routes={"a.test": route})
     return make_state(1, [listener], FirewallRules())
 
@@ -104,7 +109,7 @@ def test_firewall_rules_add_and_remove() -> None:
 
 
 def test_max_connections_and_policies() -> None:
-    state = state_with_route()
+    state = state_with_route(Mode.L7)
     limited = apply_change(state, ListenerMaxConnectionsSet(LISTENER, 50))
     assert limited.listeners[LISTENER].max_connections == 50
     policy = L7Policy(PolicyKind.REQUIRE_HEADER, "x-api-key")
@@ -116,3 +121,78 @@ def test_max_connections_and_policies() -> None:
     assert without.listeners[LISTENER].routes["a.test"].policies == ()
     with pytest.raises(StateError):
         apply_change(without, PolicyRemoved(LISTENER, "a.test", policy))
+
+
+def test_policy_on_an_l4_route_is_refused() -> None:
+    state = state_with_route(Mode.L4)
+    change = PolicyAdded(LISTENER, "a.test", L7Policy(PolicyKind.REQUIRE_HEADER, "x-key"))
+    with pytest.raises(StateError, match="is mode l4; policies apply to l7 only") as caught:
+        apply_change(state, change)
+    assert caught.value.kind == "invalid"
+
+
+# --- RouteTable ------------------------------------------------------------------------
+
+
+def _route(name: str, port: int = 9) -> Route:
+    return Route(name, Address("127.0.0.1", port))
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(1, 65535)), max_size=400),
+    st.integers(0, 100),
+)
+def test_route_table_behaves_like_a_dict(ops: list[tuple[bool, int, int]], initial: int) -> None:
+    """Any sequence of adds, replacements and removals, across compactions."""
+    model = {f"h{i}.test": _route(f"h{i}.test") for i in range(initial)}
+    table = RouteTable(model)
+    versions = [(table, dict(model))]
+    for add, key, port in ops:
+        name = f"h{key}.test"
+        if add:
+            model[name] = _route(name, port)
+            table = table.with_route(model[name])
+        elif name in model:
+            del model[name]
+            table = table.without(name)
+        versions.append((table, dict(model)))
+    for version, expected in versions:  # older versions are untouched by later changes
+        assert len(version) == len(expected)
+        assert dict(version.items()) == expected
+        assert version == expected
+        for key in range(61):
+            name = f"h{key}.test"
+            assert (name in version) == (name in expected)
+            assert version.get(name) == expected.get(name)
+
+
+def test_route_table_pickles_flat_through_the_pipe() -> None:
+    table = RouteTable({"a.test": _route("a.test")}).with_route(_route("b.test")).without("a.test")
+    state = make_state(1, [Listener(Address("", 443), routes=table)], FirewallRules())
+    [decoded] = pipe.FrameDecoder().feed(pipe.encode(pipe.Snapshot(state)))
+    assert isinstance(decoded, pipe.Snapshot)
+    routes = decoded.state.listener(":443").routes
+    assert isinstance(routes, RouteTable)
+    assert dict(routes.items()) == {"b.test": _route("b.test")}
+
+
+def test_route_changes_do_not_copy_the_whole_table() -> None:
+    big = make_state(
+        1,
+        [
+            Listener(
+                Address("", 443), routes={f"h{i}.test": _route(f"h{i}.test") for i in range(5000)}
+            )
+        ],
+        FirewallRules(),
+    )
+    state = apply_change(big, RouteAdded(":443", _route("new.test")))
+    old_routes = big.listener(":443").routes
+    new_routes = state.listener(":443").routes
+    assert isinstance(old_routes, RouteTable) and isinstance(new_routes, RouteTable)
+    assert new_routes._base is old_routes._base  # shared, not copied
+    assert "new.test" in new_routes and "new.test" not in old_routes
+    state = apply_change(state, RouteRemoved(":443", "h7.test"))
+    assert "h7.test" not in state.listener(":443").routes
+    assert "h7.test" in big.listener(":443").routes
+    assert len(state.listener(":443").routes) == 5000

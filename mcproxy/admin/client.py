@@ -1,0 +1,215 @@
+"""A typed client for the admin API: model dataclasses in and out, one error type.
+
+``mcproxyctl`` is built on it, and so can any Python control plane::
+
+    with AdminClient("/srv/mc-proxy/admin.sock") as admin:
+        admin.add_route(":443", "example.com", "10.0.0.5:8443")
+        for listed in admin.list_routes():
+            print(listed.listener, listed.route.hostname, listed.route.backend)
+
+Arguments are the operator's text (``"l7"``, ``"cidr"``, ``"10.0.0.5:8443"``):
+the server validates and canonicalises them, so its message is the one error
+an operator sees. Every failure raises :class:`AdminError` with the gRPC code
+and the server's message. A mutation returns the configuration generation
+that carries it, live on every worker by the time the call returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mcproxy.admin import convert
+from mcproxy.admin.v1 import admin_pb2 as pb
+from mcproxy.admin.v1 import admin_pb2_grpc
+from mcproxy.model import FirewallRules, L7Policy, Route
+from mcproxy.supervisor.status import Status
+
+__all__ = ["DEFAULT_SOCKET", "AdminClient", "AdminError", "ListedRoute", "default_socket"]
+
+DEFAULT_SOCKET = "/srv/mc-proxy/admin.sock"
+DEFAULT_TIMEOUT = 30.0
+"""Longer than the server's own wait for worker acknowledgements, so its message wins."""
+
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+"""gRPC's default 4 MiB holds ~70,000 routes in a ListRoutes reply; allow far more."""
+
+_Reply = TypeVar("_Reply")
+
+
+def default_socket() -> str:
+    """``$MCPROXY_SOCKET``, else :data:`DEFAULT_SOCKET`."""
+    return os.environ.get("MCPROXY_SOCKET") or DEFAULT_SOCKET
+
+
+class AdminError(Exception):
+    """A call failed; ``code`` is the gRPC status code, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRoute:
+    listener: str
+    route: Route
+
+
+class AdminClient:
+    """A connection to one mc-proxy's admin socket. Close it, or use it as a context manager."""
+
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = os.path.abspath(socket_path)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            f"unix:{self.socket_path}",
+            options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)],
+        )
+        self._stub: Any = admin_pb2_grpc.ProxyAdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, rpc: Callable[..., object], request: object, reply: type[_Reply]) -> _Reply:
+        try:
+            response = rpc(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        assert isinstance(response, reply)
+        return response
+
+    def _error(self, exc: grpc.RpcError) -> AdminError:
+        if not isinstance(exc, grpc.Call):  # pragma: no cover - grpcio's errors are Calls
+            return AdminError(grpc.StatusCode.UNKNOWN, str(exc))
+        code, details = exc.code(), exc.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = f"cannot reach mc-proxy at {self.socket_path} ({details})"
+        return AdminError(code, details)
+
+    # --- routes -----------------------------------------------------------------------
+
+    def list_routes(self, listener: str | None = None) -> list[ListedRoute]:
+        """Routes of ``listener`` (every listener when None), by listener then hostname."""
+        response = self._call(
+            self._stub.ListRoutes,
+            pb.ListRoutesRequest(listener=listener or ""),
+            pb.ListRoutesResponse,
+        )
+        return [
+            ListedRoute(item.listener, convert.route_from_reply(item.route))
+            for item in response.routes
+        ]
+
+    def add_route(
+        self,
+        listener: str,
+        hostname: str,
+        backend: str,
+        *,
+        mode: str = "l4",
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        backend_tls: bool = False,
+        send_proxy_protocol: bool = False,
+        policies: Iterable[tuple[str, str]] = (),
+    ) -> int:
+        """Add a route; ``tls_cert``/``tls_key`` are paths on the proxy's host (absolute)."""
+        route = pb.Route(
+            hostname=hostname,
+            backend=backend,
+            mode=mode,
+            tls_cert=tls_cert or "",
+            tls_key=tls_key or "",
+            backend_tls=backend_tls,
+            send_proxy_protocol=send_proxy_protocol,
+            l7_policies=[pb.L7Policy(type=kind, value=value) for kind, value in policies],
+        )
+        request = pb.AddRouteRequest(listener=listener, route=route)
+        return self._call(self._stub.AddRoute, request, pb.AddRouteResponse).generation
+
+    def remove_route(self, listener: str, hostname: str) -> int:
+        request = pb.RemoveRouteRequest(listener=listener, hostname=hostname)
+        return self._call(self._stub.RemoveRoute, request, pb.RemoveRouteResponse).generation
+
+    # --- firewall ---------------------------------------------------------------------
+
+    def firewall_rules(self) -> FirewallRules:
+        response = self._call(
+            self._stub.GetFirewallRules, pb.GetFirewallRulesRequest(), pb.GetFirewallRulesResponse
+        )
+        return convert.firewall_rules_from_message(response)
+
+    def add_firewall_rule(self, kind: str, value: str) -> int:
+        """``kind`` is ``ip``, ``cidr`` or ``country``."""
+        request = pb.AddFirewallRuleRequest(type=kind, value=value)
+        return self._call(
+            self._stub.AddFirewallRule, request, pb.AddFirewallRuleResponse
+        ).generation
+
+    def remove_firewall_rule(self, kind: str, value: str) -> int:
+        request = pb.RemoveFirewallRuleRequest(type=kind, value=value)
+        return self._call(
+            self._stub.RemoveFirewallRule, request, pb.RemoveFirewallRuleResponse
+        ).generation
+
+    # --- listeners --------------------------------------------------------------------
+
+    def set_listener_max_connections(self, listener: str, max_connections: int) -> int:
+        """0 = unlimited."""
+        request = pb.SetListenerMaxConnectionsRequest(
+            listener=listener, max_connections=max_connections
+        )
+        reply = pb.SetListenerMaxConnectionsResponse
+        return self._call(self._stub.SetListenerMaxConnections, request, reply).generation
+
+    # --- L7 policies ------------------------------------------------------------------
+
+    def list_policies(self, listener: str, hostname: str) -> list[L7Policy]:
+        request = pb.ListL7PoliciesRequest(listener=listener, hostname=hostname)
+        response = self._call(self._stub.ListL7Policies, request, pb.ListL7PoliciesResponse)
+        return [convert.policy_from_message(p) for p in response.policies]
+
+    def add_policy(self, listener: str, hostname: str, kind: str, value: str) -> int:
+        """``kind`` is ``block_user_agent`` or ``require_header``."""
+        request = pb.AddL7PolicyRequest(
+            listener=listener, hostname=hostname, type=kind, value=value
+        )
+        return self._call(self._stub.AddL7Policy, request, pb.AddL7PolicyResponse).generation
+
+    def remove_policy(self, listener: str, hostname: str, kind: str, value: str) -> int:
+        request = pb.RemoveL7PolicyRequest(
+            listener=listener, hostname=hostname, type=kind, value=value
+        )
+        return self._call(self._stub.RemoveL7Policy, request, pb.RemoveL7PolicyResponse).generation
+
+    # --- status -----------------------------------------------------------------------
+
+    def status(self) -> Status:
+        response = self._call(self._stub.GetStatus, pb.GetStatusRequest(), pb.GetStatusResponse)
+        return convert.status_from_message(response)
+
+    def health(self, service: str = "") -> bool:
+        """True when ``grpc.health.v1.Health/Check`` answers SERVING for ``service``."""
+        stub: Any = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(stub.Check, request, health_pb2.HealthCheckResponse)
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
