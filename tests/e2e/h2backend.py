@@ -92,7 +92,7 @@ class _Connection:
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             stream = self.streams[event.stream_id] = _Stream()
-            stream.headers = list(event.headers)  # type: ignore[arg-type]
+            stream.headers = list(event.headers)
             self.backend.requests += 1
             task = asyncio.get_running_loop().create_task(self.respond(event.stream_id, stream))
             self.tasks.add(task)

@@ -329,6 +329,7 @@ class Exchange:
             return
         self.requeues += 1
         self.request.head_sent = False
+        self.request.done = False  # nothing reached the backend: start over
         self.home.submit(self)
 
     # --- events from the legs -------------------------------------------------------

@@ -11,21 +11,36 @@ through untouched and returns each GOAWAY as a :class:`GoAway` value instead.
 Strategy: the common case (no GOAWAY, frame boundaries anywhere) returns the
 input object itself, so a DATA-heavy stream costs one header walk and no
 copy. Only a split frame header or a GOAWAY payload is buffered, and a GOAWAY
-is at most :data:`MAX_GOAWAY_PAYLOAD` bytes; a longer one is passed to h2,
-which rejects it as a connection error.
+is at most :data:`MAX_FRAME_SIZE` bytes.
+
+The walk also enforces the frame size limit on the header, where h2 checks it
+only once the whole frame is buffered: a peer announcing a 16 MiB frame (or
+an HTTP/1.1 server answering our preface with text) is refused at once
+instead of being buffered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CLIENT_PREFACE", "MAX_GOAWAY_PAYLOAD", "GoAway", "GoAwayFilter", "encode_goaway"]
+__all__ = [
+    "CLIENT_PREFACE",
+    "MAX_FRAME_SIZE",
+    "FrameTooLarge",
+    "GoAway",
+    "GoAwayFilter",
+    "encode_goaway",
+]
 
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_GOAWAY_PAYLOAD = 16384
-"""The default SETTINGS_MAX_FRAME_SIZE: a longer GOAWAY goes to h2, which refuses it."""
+MAX_FRAME_SIZE = 16384
+"""Our SETTINGS_MAX_FRAME_SIZE (the protocol's default; mc-proxy never raises it)."""
 _HEADER = 9
 _GOAWAY = 0x7
+
+
+class FrameTooLarge(Exception):
+    """A frame header announced more than :data:`MAX_FRAME_SIZE` bytes (FRAME_SIZE_ERROR)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,7 @@ class GoAwayFilter:
         self._goaway_left = 0
 
     def feed(self, data: bytes) -> tuple[bytes, list[GoAway]]:
+        """Bytes for h2, and the GOAWAYs found. Raises :class:`FrameTooLarge`."""
         goaways: list[GoAway] = []
         pieces: list[bytes] = []
         start = 0  # start of the pass-through run in progress
@@ -113,7 +129,9 @@ class GoAwayFilter:
     def _classify(self, header: bytes, goaways: list[GoAway]) -> bool:
         """Start the frame whose header this is; True when it is a GOAWAY we keep out of h2."""
         length = int.from_bytes(header[:3], "big")
-        if header[3] == _GOAWAY and length <= MAX_GOAWAY_PAYLOAD:
+        if length > MAX_FRAME_SIZE:
+            raise FrameTooLarge(f"frame of {length} bytes announced (type {header[3]:#x})")
+        if header[3] == _GOAWAY:
             if length:
                 self._goaway = bytearray()
                 self._goaway_left = length

@@ -31,7 +31,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
-from mcproxy.worker.l7.frames import GoAway, GoAwayFilter, encode_goaway
+from mcproxy.worker.l7.frames import FrameTooLarge, GoAway, GoAwayFilter, encode_goaway
 from mcproxy.worker.l7.headers import Headers, end_to_end
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ class H2Leg:
     def on_goaway(self, goaway: GoAway) -> None:
         raise NotImplementedError
 
-    def fail(self, outcome: str, detail: str) -> None:
+    def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
+        """End the connection; ``code``: send a GOAWAY with it (None: h2 has queued one)."""
         raise NotImplementedError
 
     # --- input ------------------------------------------------------------------------
@@ -140,7 +141,11 @@ class H2Leg:
     def receive_data(self, data: bytes) -> None:
         if self.closed:
             return
-        data, goaways = self.filter.feed(data)
+        try:
+            data, goaways = self.filter.feed(data)
+        except FrameTooLarge as exc:
+            self.fail("protocol_error", str(exc), ErrorCodes.FRAME_SIZE_ERROR)
+            return
         if data:
             try:
                 events = self.conn.receive_data(data)
@@ -361,7 +366,9 @@ class H2Front(H2Leg):
                 self.premature_resets,
                 self.streams_opened,
             )
-            self.fail("rapid_reset", "too many streams reset by the client")
+            self.fail(
+                "rapid_reset", "too many streams reset by the client", ErrorCodes.ENHANCE_YOUR_CALM
+            )
 
     def stop_request(self, sid: int) -> None:
         exchange = self.streams.get(sid)
@@ -391,13 +398,12 @@ class H2Front(H2Leg):
             self.closed = True
             self.io.close()
 
-    def fail(self, outcome: str, detail: str) -> None:
+    def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
         """End the client connection: every exchange on it is cancelled toward its backend."""
         if self.closed:
             return
         log.info("client connection ended (%s): %s", outcome, detail)
-        code = ErrorCodes.ENHANCE_YOUR_CALM if outcome == "rapid_reset" else ErrorCodes.NO_ERROR
-        if outcome != "protocol_error":
+        if code is not None:
             self.terminate(code, outcome)
         else:
             self.outcome = outcome
@@ -565,9 +571,12 @@ class H2Back(H2Leg):
         self.io.close()
         self._closed()
 
-    def fail(self, outcome: str, detail: str) -> None:
+    def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
         if self.closed:
             return
+        if code is not None:
+            with contextlib.suppress(ProtocolError):
+                self.conn.close_connection(code)
         self.failure = detail
         log.warning("backend connection failed (%s): %s", outcome, detail)
         self.outcome = outcome
