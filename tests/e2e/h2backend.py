@@ -133,6 +133,9 @@ class _Connection:
     def ack(self, sid: int, size: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.conn.acknowledge_received_data(size, sid)
+        data = self.conn.data_to_send()  # the WINDOW_UPDATE must go now, not with the next read
+        if data:
+            self.writer.write(data)
 
     async def send_body(self, sid: int, stream: _Stream, data: bytes, end: bool = True) -> None:
         view = memoryview(data)

@@ -135,7 +135,7 @@ def test_policies_answer_403_and_keep_the_connection() -> None:
     world.run()
     ((response, body, _),) = client.responses()
     assert response.status_code == 403
-    assert body == b"403 forbidden\n"
+    assert body == b"403 Forbidden\n"
     assert not world.dials and not world.backends
     client.send(b"GET / HTTP/1.1\r\nHost: web.test\r\nUser-Agent: curl\r\n\r\n")
     world.run()

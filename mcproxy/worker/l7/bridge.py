@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
 from h2.errors import ErrorCodes
@@ -298,6 +299,8 @@ class Exchange:
         self.requeues = 0
         self.finished = False
         self.reset_code: int | None = None
+        self.detail = ""
+        """Why mc-proxy answered or reset this exchange itself (for the access log)."""
         self.started = clock()
         self._clock = clock
         self.duration = 0.0
@@ -383,15 +386,20 @@ class Exchange:
     def respond_locally(
         self, status: int, detail: str, blocked_by: PolicyKind | None = None
     ) -> None:
-        """Answer the client ourselves (403, 421, 502, 504...) with a one-line body."""
+        """Answer the client ourselves (403, 421, 502, 504...) with a one-line body.
+
+        The body names the status only; ``detail`` (which may name the backend) is
+        for the access log.
+        """
         self.blocked_by = blocked_by
+        self.detail = detail
         self.request.drop()
         if self.group is not None:
             self.group.withdraw(self)
         response = self.response
         response.src = _LOCAL
         response.discarding = False
-        response.head, body = local_response(status, detail)
+        response.head, body = local_response(status)
         response.chunks = deque([body])
         response.buffered = len(body)
         response.ended = True
@@ -437,8 +445,9 @@ class Exchange:
         self.request._finish()
 
 
-def local_response(status: int, detail: str) -> tuple[Headers, bytes]:
-    body = f"{status} {detail}\n".encode()
+def local_response(status: int) -> tuple[Headers, bytes]:
+    """A minimal text response: ``502 Bad Gateway``."""
+    body = f"{status} {HTTPStatus(status).phrase}\n".encode()
     headers: Headers = [
         (b":status", str(status).encode()),
         (b"content-type", b"text/plain; charset=utf-8"),

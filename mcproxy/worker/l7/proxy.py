@@ -287,6 +287,9 @@ class _Session:
             bytes_out=exchange.response.forwarded,
             blocked_by=exchange.blocked_by.value if exchange.blocked_by else None,
         )
+        extra = f" blocked_by={request.blocked_by}" if request.blocked_by else ""
+        if exchange.detail:
+            extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
         access_log.info(
             "request client=%s route=%s method=%s status=%d in=%d out=%d duration=%.3f%s",
             self.record.client_ip,
@@ -296,7 +299,7 @@ class _Session:
             request.bytes_in,
             request.bytes_out,
             request.duration,
-            f" blocked_by={request.blocked_by}" if request.blocked_by else "",
+            extra,
         )
         for callback in self.proxy.server.on_request:
             try:

@@ -61,11 +61,11 @@ class Router:
         if ended:
             exchange.request.receive_end()
         if route is None or route.mode is not Mode.L7:
-            exchange.respond_locally(421, "misdirected request: this host is not served here now")
+            exchange.respond_locally(421, "the route is gone or no longer L7")
         elif method == "CONNECT":
             exchange.respond_locally(501, "CONNECT is not supported")
         elif (policy := blocked_by(route.policies, head)) is not None:
-            exchange.respond_locally(403, "forbidden", blocked_by=policy.kind)
+            exchange.respond_locally(403, f"policy {policy.kind}", blocked_by=policy.kind)
         else:
             exchange.request.head = for_backend(head, self._client_ip)
             exchange.home = self._group_for(route)
