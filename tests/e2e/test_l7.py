@@ -563,3 +563,23 @@ def test_graceful_shutdown_lets_open_streams_finish(tmp_path: Path, web: Web) ->
         assert proxy.stop() == 0
     finally:
         proxy.stop()
+
+
+def test_a_stalled_tls_handshake_is_reset_at_handshake_timeout(web: Web) -> None:
+    # A real ClientHello for an L7 route, then silence: the proxy answers it (the server
+    # half of the handshake) and resets the connection once handshake_timeout (3s) is over.
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello_only = client_context(web.ca.pem).wrap_bio(incoming, outgoing, server_hostname=WEB)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello_only.do_handshake()
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as raw:
+        raw.sendall(outgoing.read())
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            while raw.recv(65536):
+                pass
+        elapsed = time.monotonic() - started
+    assert 1.5 < elapsed < 8
+    assert web.proxy is not None
+    proxy = web.proxy
+    wait_for(lambda: "outcome=handshake_timeout" in proxy.log(), 10, "the access log line")

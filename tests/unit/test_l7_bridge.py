@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import h2.events
 from h2.errors import ErrorCodes
 
-from mcproxy.model import L7Policy, PolicyKind
+from mcproxy.model import Address, L7Policy, PolicyKind
 from mcproxy.worker.l7.frames import encode_goaway
 from mcproxy.worker.l7.h2legs import (
     BACKEND_CONNECTION_WINDOW,
     RAPID_RESET_THRESHOLD,
     STREAM_WINDOW,
 )
-from tests.unit.l7world import CLIENT_IP, World, policy_route, settings
+from tests.unit.l7world import CLIENT_IP, ROUTE, World, policy_route, settings
 
 
 def test_request_reaches_backend_with_forwarding_headers_and_response_comes_back() -> None:
@@ -405,26 +406,66 @@ def test_a_big_body_arrives_intact_through_both_windows() -> None:
     payload = hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32)
     sid = client.request("/up", method="POST", end=False)
     offset = 0
-    backend = None
     for _ in range(5000):
         room = min(client.conn.local_flow_control_window(sid), 16384, len(payload) - offset)
         if room:
             client.conn.send_data(sid, payload[offset : offset + room])
             offset += room
-        if offset == len(payload) and not client.conn.streams[
-            sid
-        ].state_machine.state.name.startswith("HALF"):
-            client.conn.end_stream(sid)
+            if offset == len(payload):
+                client.conn.end_stream(sid)
         world.run()
-        if world.backends:
-            backend = world.backends[0]
-            backend.ack_all()
-        if (
-            backend
-            and backend.requests()
-            and backend.of(backend.requests()[0].stream_id, h2.events.StreamEnded)
-        ):
+        backend = world.backends[0]
+        backend.ack_all()
+        (request,) = backend.requests()
+        if backend.of(request.stream_id, h2.events.StreamEnded):
             break
-    assert backend is not None
-    (request,) = backend.requests()
     assert backend.body(request.stream_id) == payload
+
+
+def test_a_policy_added_while_the_connection_is_open_applies_to_its_next_request() -> None:
+    world = World()
+    client = world.h2_client()
+    first = client.request("/", extra=[(b"user-agent", b"BadBot")])
+    world.run()
+    world.route = policy_route(L7Policy(PolicyKind.BLOCK_USER_AGENT, "BadBot"))
+    second = client.request("/", extra=[(b"user-agent", b"BadBot")])
+    world.run()
+    backend = world.backends[0]
+    (request,) = backend.requests()
+    backend.respond(request.stream_id, b"before the policy")
+    world.run()
+    assert client.response(first)[b":status"] == b"200"
+    assert client.response(second)[b":status"] == b"403"
+
+
+def test_a_broken_backend_does_not_take_down_streams_to_another_backend() -> None:
+    world = World()
+    client = world.h2_client()
+    doomed = client.request("/a")
+    world.run()
+    world.route = replace(ROUTE, backend=Address("127.0.0.1", 9001))
+    healthy = client.request("/b")
+    world.run()
+    broken, fine = world.backends
+    broken.raw_to_leg = b"\x00\xff\xff\xff garbage"
+    world.run()
+    (request,) = fine.requests()
+    fine.respond(request.stream_id, b"unaffected")
+    world.run()
+    assert client.response(doomed)[b":status"] == b"502"
+    assert client.body(healthy) == b"unaffected"
+    assert not client.leg.closed
+
+
+def test_a_stream_reset_by_the_backend_leaves_its_neighbours_alone() -> None:
+    world = World()
+    client = world.h2_client()
+    first, second = client.request("/1"), client.request("/2")
+    world.run()
+    backend = world.backends[0]
+    r1, r2 = backend.requests()
+    backend.conn.reset_stream(r1.stream_id, ErrorCodes.INTERNAL_ERROR)
+    backend.respond(r2.stream_id, b"fine")
+    world.run()
+    assert client.of(first, h2.events.StreamReset)
+    assert client.body(second) == b"fine"

@@ -177,6 +177,9 @@ class Channel(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._guarded(self._flush)
+
+    def _flush(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.leg is None:
             return
