@@ -108,3 +108,8 @@ def test_a_half_written_renewal_keeps_the_old_certificate(tmp_path: Path, ca: CA
     os.replace(new_cert, cert)  # the key does not match this certificate yet
     clock.now += CHECK_INTERVAL
     assert store.context(str(cert), str(key)) is first
+
+
+def test_an_unreadable_backend_ca_file_is_named_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"MCPROXY_BACKEND_CA=.*missing\.pem: cannot load"):
+        backend_context(str(tmp_path / "missing.pem"))

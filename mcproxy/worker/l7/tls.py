@@ -53,7 +53,11 @@ def backend_context(extra_ca: str | None = None) -> ssl.SSLContext:
     context.set_alpn_protocols([ALPN_H2])
     extra_ca = extra_ca if extra_ca is not None else os.environ.get(BACKEND_CA_ENV)
     if extra_ca:
-        context.load_verify_locations(cafile=extra_ca)
+        try:
+            context.load_verify_locations(cafile=extra_ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RuntimeError(f"{BACKEND_CA_ENV}={extra_ca}: cannot load: {reason}") from exc
     return context
 
 
