@@ -87,6 +87,7 @@ class H2ClientPeer:
             self.conn.local_settings = h2.settings.Settings(client=True, initial_values=initial)
         self.conn.initiate_connection()
         self.events: list[h2.events.Event] = []
+        self._acked = 0
         self.goaways: list[GoAway] = []
         self._filter = GoAwayFilter(expect_preface=False)
         self.eof = False
@@ -148,13 +149,14 @@ class H2ClientPeer:
         return dict(event.headers)
 
     def ack_all(self) -> None:
-        for event in self.events:
-            if isinstance(event, h2.events.DataReceived) and not getattr(event, "acked", False):
-                event.acked = True  # type: ignore[attr-defined]
-                if event.flow_controlled_length:
+        """Acknowledge every DATA frame received so far (a reader that keeps up)."""
+        for event in self.events[self._acked :]:
+            if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
                     self.conn.acknowledge_received_data(
                         event.flow_controlled_length, event.stream_id
                     )
+        self._acked = len(self.events)
 
 
 class H11ClientPeer:
@@ -223,6 +225,7 @@ class BackendPeer:
             self.conn.local_settings = h2.settings.Settings(client=False, initial_values=initial)
         self.conn.initiate_connection()
         self.events: list[h2.events.Event] = []
+        self._acked = 0
         self.raw_to_leg = b""
         """Bytes the test wants to inject toward the leg (a GOAWAY, garbage)."""
 
@@ -272,13 +275,14 @@ class BackendPeer:
             self.conn.end_stream(sid)
 
     def ack_all(self) -> None:
-        for event in self.events:
-            if isinstance(event, h2.events.DataReceived) and not getattr(event, "acked", False):
-                event.acked = True  # type: ignore[attr-defined]
-                if event.flow_controlled_length:
+        """Acknowledge every DATA frame received so far (a reader that keeps up)."""
+        for event in self.events[self._acked :]:
+            if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
                     self.conn.acknowledge_received_data(
                         event.flow_controlled_length, event.stream_id
                     )
+        self._acked = len(self.events)
 
 
 class World:

@@ -116,7 +116,7 @@ def test_a_large_upload_pauses_reading_until_the_backend_takes_it() -> None:
     world.run()
     client.send(b"u" * size)
     world.run()
-    exchange = world.clients[0].leg.current  # type: ignore[union-attr]
+    exchange = client.leg.current
     assert exchange is not None
     assert not client.io.reading
     assert exchange.request.buffered <= BODY_HIGH_WATER + READ_SIZE
