@@ -25,7 +25,7 @@ import h11
 import pytest
 
 from mcproxy.worker.l7.frames import GoAwayFilter
-from mcproxy.worker.l7.h2legs import RAPID_RESET_THRESHOLD
+from mcproxy.worker.l7.h2front import RAPID_RESET_THRESHOLD
 from mcproxy.worker.proxy_protocol import encode_v2
 from tests.certs import CA, issue, make_ca
 from tests.e2e.h2backend import H2Backend

@@ -23,7 +23,8 @@ import h11
 from mcproxy.model import Address, L7Policy, Mode, Route
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.frames import GoAway, GoAwayFilter
-from mcproxy.worker.l7.h2legs import H2Back, H2Front
+from mcproxy.worker.l7.h2back import H2Back
+from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
 from mcproxy.worker.l7.pool import BackendGroup, BackendKey
 from mcproxy.worker.l7.router import Router

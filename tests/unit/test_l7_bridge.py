@@ -10,11 +10,9 @@ from h2.errors import ErrorCodes
 
 from mcproxy.model import Address, L7Policy, PolicyKind
 from mcproxy.worker.l7.frames import encode_goaway
-from mcproxy.worker.l7.h2legs import (
-    BACKEND_CONNECTION_WINDOW,
-    RAPID_RESET_THRESHOLD,
-    STREAM_WINDOW,
-)
+from mcproxy.worker.l7.h2back import BACKEND_CONNECTION_WINDOW
+from mcproxy.worker.l7.h2front import RAPID_RESET_THRESHOLD
+from mcproxy.worker.l7.h2leg import STREAM_WINDOW
 from tests.unit.l7world import CLIENT_IP, ROUTE, World, policy_route, settings
 
 

@@ -301,6 +301,8 @@ class Exchange:
         self.reset_code: int | None = None
         self.detail = ""
         """Why mc-proxy answered or reset this exchange itself (for the access log)."""
+        self.on_dial: Callable[[float], None] | None = None
+        """Told how long a backend dial took, when this exchange waited for one."""
         self.started = clock()
         self._clock = clock
         self.duration = 0.0

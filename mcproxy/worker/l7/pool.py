@@ -25,7 +25,7 @@ from mcproxy.model import Address
 
 if TYPE_CHECKING:
     from mcproxy.worker.l7.bridge import Exchange
-    from mcproxy.worker.l7.h2legs import H2Back
+    from mcproxy.worker.l7.h2back import H2Back
 
 __all__ = ["BackendGroup", "BackendKey"]
 

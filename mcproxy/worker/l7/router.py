@@ -34,6 +34,7 @@ class Router:
         on_finished: Callable[[Exchange], None],
         hostname: str,
         clock: Callable[[], float] = time.monotonic,
+        on_dial: Callable[[float], None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._client_ip = client_ip
@@ -41,6 +42,7 @@ class Router:
         self._on_finished = on_finished
         self._hostname = hostname
         self._clock = clock
+        self._on_dial = on_dial
         self.open_exchanges = 0
 
     def open(self, client: Endpoint, head: Headers, ended: bool) -> Exchange:
@@ -57,6 +59,7 @@ class Router:
             self._finished,
             self._clock,
         )
+        exchange.on_dial = self._on_dial
         self.open_exchanges += 1
         if ended:
             exchange.request.receive_end()
