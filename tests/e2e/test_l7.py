@@ -24,6 +24,7 @@ import h2.errors
 import h11
 import pytest
 
+from mcproxy.admin.client import AdminClient
 from mcproxy.worker.l7.frames import GoAwayFilter
 from mcproxy.worker.l7.h2front import RAPID_RESET_THRESHOLD
 from mcproxy.worker.proxy_protocol import encode_v2
@@ -585,3 +586,47 @@ def test_a_stalled_tls_handshake_is_reset_at_handshake_timeout(web: Web) -> None
     assert web.proxy is not None
     proxy = web.proxy
     wait_for(lambda: "outcome=handshake_timeout" in proxy.log(), 10, "the access log line")
+
+
+def test_admin_changes_apply_to_the_next_request_on_an_open_connection(
+    tmp_path: Path, web: Web
+) -> None:
+    """Routes are looked up per request: policies and removals reach keep-alive connections."""
+    port = free_port()
+    listener = f"127.0.0.1:{port}"
+    config = {
+        "listeners": [
+            {"addr": listener, "routes": [l7_route(tmp_path, web.ca, WEB, web.backend.addr)]}
+        ]
+    }
+    request = b"GET /status/200 HTTP/1.1\r\nHost: web.test\r\nUser-Agent: BadBot\r\n\r\n"
+    with ProxyProcess(tmp_path, config):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = client_context(web.ca.pem, ["http/1.1"])
+        with (
+            ctx.wrap_socket(raw, server_hostname=WEB) as tls,
+            AdminClient(str(tmp_path / "admin.sock"), timeout=20) as admin,
+        ):
+            tls.sendall(request)
+            assert read_response(tls)[0].status_code == 200
+            admin.add_policy(listener, WEB, "block_user_agent", "BadBot")
+            tls.sendall(request)
+            assert read_response(tls)[0].status_code == 403
+            admin.remove_route(listener, WEB)
+            tls.sendall(request)
+            assert read_response(tls)[0].status_code == 421
+        # A route added at runtime serves new connections.
+        cert, key = issue(web.ca, "late.test", tmp_path)
+        with AdminClient(str(tmp_path / "admin.sock"), timeout=20) as admin:
+            admin.add_route(
+                listener,
+                "late.test",
+                web.backend.addr,
+                mode="l7",
+                tls_cert=str(cert),
+                tls_key=str(key),
+            )
+        status, _ = status_and_body(
+            curl(port, web.ca_file, "/status/200", "-w", "\n%{http_code}", host="late.test")
+        )
+        assert status == 200
