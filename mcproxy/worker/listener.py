@@ -94,6 +94,8 @@ class ConnectionServer:
         """Called once per connection when it ends (access log, metrics)."""
         self.on_request: list[Callable[[RequestRecord], None]] = []
         """Called once per L7 request when it ends; the L7 handler calls these."""
+        self.on_drain: list[Callable[[], None]] = []
+        """Called when draining starts, so that handlers can wind down (HTTP/2 GOAWAY)."""
         self._listening: dict[str, socket.socket] = {}
 
     def update_state(self, state: ProxyState) -> None:
@@ -140,6 +142,8 @@ class ConnectionServer:
 
     async def drain(self, timeout: float) -> None:
         """Wait for open connections to end by themselves, then cut the rest."""
+        for callback in self.on_drain:
+            callback()
         if self.connections:
             await asyncio.wait(set(self.connections), timeout=timeout)
         for task in list(self.connections):

@@ -24,6 +24,7 @@ import sys
 
 from mcproxy import pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.worker.l7 import L7Proxy
 from mcproxy.worker.listener import ConnectionServer
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
@@ -111,6 +112,7 @@ class Worker:
         self.boot = boot
         setproctitle(f"mc-proxy: worker {boot.slot}")
         self.server = ConnectionServer(asyncio.get_running_loop(), boot.timeouts)
+        L7Proxy(self.server).install()
 
     def _start_serving(self) -> None:
         assert self.boot is not None and self.server is not None

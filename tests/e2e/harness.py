@@ -183,8 +183,15 @@ def _read_proxy_v2(sock: socket.socket) -> bytes:
 class ProxyProcess:
     """``mc-proxy serve`` as a real process with its own temp config and database."""
 
-    def __init__(self, directory: Path, config: dict[str, Any], workers: int = 2) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: dict[str, Any],
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.directory = directory
+        self.env = env or {}
         self.config = {
             "workers": workers,
             "database": {"path": str(directory / "mc-proxy.db")},
@@ -209,7 +216,7 @@ class ProxyProcess:
     def start(self, wait: bool = True) -> ProxyProcess:
         self.write_config()
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mcproxy", "serve", "--config", str(self.config_path)],

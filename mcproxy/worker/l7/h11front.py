@@ -1,0 +1,346 @@
+"""The client's HTTP/1.1 connection: one ``h11.Connection``, one exchange at a time.
+
+Keep-alive, chunked bodies and trailers are h11's; pipelining is safe
+because h11 hands out the next request only after the current response is
+complete (it answers ``PAUSED`` meanwhile, and we stop reading the socket).
+HTTP/1.1 has no flow control of its own, so the request body's back-pressure
+is the socket: above :data:`BODY_HIGH_WATER` bytes waiting for the backend,
+events are no longer pulled and reading pauses; it resumes once the backend
+leg has taken the backlog below half of that. The response goes out as fast
+as the client's socket takes it (``capacity`` is 0 while the transport is
+paused), and only then is it acknowledged to the backend.
+
+``Expect: 100-continue`` is answered here, when the body is wanted. A
+response that ends before its request body (a 403, an early backend answer)
+discards up to :data:`DISCARD_LIMIT` more body bytes to keep the connection,
+then gives up and closes.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+
+import h11
+from h2.errors import ErrorCodes
+
+from mcproxy.worker.l7.bridge import Exchange, LegIO
+from mcproxy.worker.l7.headers import Headers, h1_to_h2_request, h2_to_h1_response
+from mcproxy.worker.l7.router import Router
+
+__all__ = ["BODY_HIGH_WATER", "DISCARD_LIMIT", "H11Endpoint", "H11Front"]
+
+log = logging.getLogger("mcproxy.l7")
+
+BODY_HIGH_WATER = 256 * 1024
+DISCARD_LIMIT = 1 << 20
+MAX_HEAD_SIZE = 64 * 1024
+_SEND_SIZE = 64 * 1024
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+class H11Endpoint:
+    """The one stream of an HTTP/1.1 connection."""
+
+    __slots__ = ("leg",)
+    resettable = False
+
+    def __init__(self, leg: H11Front) -> None:
+        self.leg = leg
+
+    def capacity(self) -> int:
+        return _SEND_SIZE if self.leg.writable and not self.leg.closed else 0
+
+    def send_head(self, headers: Headers, end: bool) -> None:
+        self.leg.send_response(headers, end)
+
+    def send_informational(self, headers: Headers) -> None:
+        self.leg.send_informational(headers)
+
+    def send_data(self, data: bytes, end: bool) -> None:
+        self.leg.send(h11.Data(data=data))
+        if end:
+            self.leg.send_end([])
+
+    def send_trailers(self, trailers: Headers) -> None:
+        self.leg.send_end(trailers)
+
+    def end(self) -> None:
+        self.leg.send_end([])
+
+    def ack(self, size: int) -> None:
+        self.leg.body_taken()
+
+    def reset(self, code: int) -> None:
+        self.leg.abort("reset")
+
+    def stop_request(self) -> None:
+        self.leg.stop_request()
+
+    def release(self) -> None:
+        self.leg.exchange_finished()
+
+
+class H11Front:
+    def __init__(self, io: LegIO, router: Router, hostname: str) -> None:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self.io = io
+        self.router = router
+        self.hostname = hostname
+        self.endpoint = H11Endpoint(self)
+        self.current: Exchange | None = None
+        self.writable = True
+        self.closed = False
+        self.draining = False
+        self.outcome: str | None = None
+        self._out: list[bytes] = []
+        self._reading_paused = False
+        self._resume_scheduled = False
+        self._sent_100 = False
+        self._chunked = False
+        self._discarded = 0
+        self._peer_eof = False
+
+    # --- input -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.conn.receive_data(data)
+        self._process()
+
+    def receive_eof(self) -> None:
+        self.receive_data(b"")
+
+    def _process(self) -> None:
+        while not self.closed:
+            exchange = self.current
+            if exchange is not None and exchange.request.buffered >= BODY_HIGH_WATER:
+                self._pause_reading()
+                return
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._bad_request(exc)
+                return
+            if event is h11.NEED_DATA:
+                if (
+                    exchange is not None
+                    and self.conn.they_are_waiting_for_100_continue
+                    and not exchange.request.discarding
+                    and not self._sent_100
+                ):
+                    self._sent_100 = True
+                    self.send(h11.InformationalResponse(status_code=100, headers=[]))
+                self._resume_reading()
+                return
+            if event is h11.PAUSED:
+                # A pipelined request waits in h11's buffer until this response is out.
+                self._pause_reading()
+                return
+            if isinstance(event, h11.Request):
+                self._start(event)
+            elif isinstance(event, h11.Data):
+                assert exchange is not None
+                if exchange.request.discarding:
+                    self._discarded += len(event.data)
+                    if self._discarded > DISCARD_LIMIT:
+                        self.abort("closed")
+                        return
+                exchange.request.receive_data(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert exchange is not None
+                trailers = [(bytes(n), bytes(v)) for n, v in event.headers]
+                exchange.request.receive_end(trailers or None)
+            elif isinstance(event, h11.ConnectionClosed):
+                self._peer_closed()
+                return
+
+    def _start(self, request: h11.Request) -> None:
+        self._sent_100 = False
+        self._discarded = 0
+        headers = [(bytes(n), bytes(v)) for n, v in request.headers]
+        method, target = bytes(request.method), bytes(request.target)
+        head = h1_to_h2_request(method, target, headers, self.hostname)
+        exchange = self.router.open(self.endpoint, head, ended=False)
+        if not exchange.finished:
+            self.current = exchange
+            exchange.submit()
+
+    def _peer_closed(self) -> None:
+        self._peer_eof = True
+        exchange = self.current
+        if exchange is None:
+            self._close()
+        elif not exchange.request.ended:
+            exchange.client_reset(ErrorCodes.CANCEL)
+        # else: the request is complete; the response goes out, then we close.
+
+    def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
+        exchange = self.current
+        if exchange is not None:
+            self.outcome = "protocol_error"
+            exchange.client_reset(ErrorCodes.CANCEL)
+            self.abort("protocol_error")
+            return
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            body = f"{status} {exc}\n".encode()
+            try:
+                self.send(
+                    h11.Response(
+                        status_code=status,
+                        headers=[
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                        reason=_reason(status),
+                    )
+                )
+                self.send(h11.Data(data=body))
+                self.send(h11.EndOfMessage())
+            except h11.LocalProtocolError:
+                pass
+        self.outcome = "protocol_error"
+        self._close()
+
+    # --- back-pressure -------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.io.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.io.resume_reading()
+
+    def body_taken(self) -> None:
+        """The backend leg took request bytes: resume once the backlog is half drained."""
+        exchange = self.current
+        if (
+            self._reading_paused
+            and not self._resume_scheduled
+            and (exchange is None or exchange.request.buffered < BODY_HIGH_WATER // 2)
+        ):
+            self._resume_scheduled = True
+            self.io.schedule(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_scheduled = False
+        self._process()
+
+    def set_writable(self, writable: bool) -> None:
+        self.writable = writable
+        if writable and self.current is not None:
+            self.current.response.pump()
+
+    # --- output --------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out, self._out = b"".join(self._out), []
+        return out
+
+    def send(self, event: h11.Event) -> None:
+        if self.closed:
+            return
+        try:
+            data = self.conn.send(event)
+        except h11.LocalProtocolError as exc:
+            # The backend's response does not fit HTTP/1.1 framing (a wrong content-length).
+            log.info("response cannot be sent as HTTP/1.1: %s", exc)
+            self.abort("backend_protocol_error")
+            return
+        if data:
+            self._out.append(data)
+            self.io.wake()
+
+    def send_response(self, headers: Headers, end: bool) -> None:
+        status, fields = h2_to_h1_response(headers)
+        if not 200 <= status <= 999:
+            self.abort("backend_protocol_error")
+            return
+        if self.draining or self._peer_eof:
+            fields.append((b"connection", b"close"))
+        exchange = self.current
+        self._chunked = (
+            self.conn.their_http_version == b"1.1"
+            and not any(n == b"content-length" for n, _ in fields)
+            and status not in (204, 304)
+            and (exchange is None or exchange.method != "HEAD")
+        )
+        self.send(h11.Response(status_code=status, headers=fields, reason=_reason(status)))
+        if end:
+            self.send_end([])
+
+    def send_informational(self, headers: Headers) -> None:
+        status, fields = h2_to_h1_response(headers)
+        if (status == 100 and self._sent_100) or not 100 <= status < 200 or status == 101:
+            return
+        if status == 100:
+            self._sent_100 = True
+        self.send(h11.InformationalResponse(status_code=status, headers=fields))
+
+    def send_end(self, trailers: Headers) -> None:
+        # Trailers need chunked framing; without it they are dropped.
+        self.send(h11.EndOfMessage(headers=trailers if self._chunked else []))
+        if self.conn.our_state is h11.MUST_CLOSE:
+            self._close()
+
+    # --- the exchange's end ----------------------------------------------------------------
+
+    def stop_request(self) -> None:
+        """The response is out before the request body: discard the rest, within limits."""
+        if self.conn.they_are_waiting_for_100_continue:
+            self._close()  # the client holds the body back; do not wait for it
+            return
+        self.io.schedule(self._process)
+
+    def exchange_finished(self) -> None:
+        self.current = None
+        if self.closed:
+            return
+        if self.draining or self._peer_eof:
+            self._close()
+            return
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            self.io.schedule(self._process)
+        elif self.conn.our_state is not h11.SEND_RESPONSE:
+            self._close()
+
+    def begin_drain(self) -> None:
+        """Graceful shutdown: finish the exchange in progress (Connection: close), then close."""
+        self.draining = True
+        if self.current is None:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.io.close()
+
+    def abort(self, outcome: str) -> None:
+        if self.closed:
+            return
+        self.outcome = self.outcome or outcome
+        self.closed = True
+        self.io.abort()
+        exchange = self.current
+        if exchange is not None:
+            # Not from inside the exchange's own pump: let the caller unwind first.
+            self.io.schedule(lambda: exchange.client_reset(ErrorCodes.CANCEL))
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        exchange = self.current
+        if exchange is not None:
+            exchange.client_reset(ErrorCodes.CANCEL)

@@ -1,0 +1,267 @@
+"""What both HTTP/2 legs share: one ``h2.H2Connection``, its streams, sending, windows.
+
+A leg turns its connection's events into calls on the exchanges' flows
+(``H2Front`` for the client, server side; ``H2Back`` for a backend, client
+side) and hands out :class:`H2Endpoint` s through which the exchanges send.
+Both pass received bytes through a
+:class:`~mcproxy.worker.l7.frames.GoAwayFilter` first, because h2 would treat
+a GOAWAY as the immediate end of the connection, and both send a graceful
+GOAWAY themselves with :func:`~mcproxy.worker.l7.frames.encode_goaway` for
+the same reason.
+
+Windows: a peer may have ``STREAM_WINDOW`` bytes in flight per stream, and a
+connection window each leg chooses. Since nothing is acknowledged before the
+other leg took it, the windows are also the bounds of what the proxy buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import cast
+
+import h2.events as ev
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
+from mcproxy.worker.l7.frames import FrameTooLarge, GoAway, GoAwayFilter, encode_goaway
+from mcproxy.worker.l7.headers import Headers
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_HEADER_LIST_SIZE",
+    "STREAM_WINDOW",
+    "H2Endpoint",
+    "H2Leg",
+    "headers_of",
+]
+
+log = logging.getLogger("mcproxy.l7")
+
+STREAM_WINDOW = 1 << 20
+MAX_HEADER_LIST_SIZE = 64 * 1024
+DEFAULT_WINDOW = 65535
+"""The protocol's initial window, which ``increment_flow_control_window`` grows from."""
+
+
+class H2Endpoint:
+    """One stream on an :class:`H2Leg`."""
+
+    __slots__ = ("leg", "stream_id")
+    resettable = True
+
+    def __init__(self, leg: H2Leg, stream_id: int) -> None:
+        self.leg = leg
+        self.stream_id = stream_id
+
+    def capacity(self) -> int:
+        return self.leg.capacity(self.stream_id)
+
+    def send_head(self, headers: Headers, end: bool) -> None:
+        self.leg.send_headers(self.stream_id, headers, end)
+
+    def send_informational(self, headers: Headers) -> None:
+        self.leg.send_headers(self.stream_id, headers, False)
+
+    def send_data(self, data: bytes, end: bool) -> None:
+        self.leg.send_data(self.stream_id, data, end)
+
+    def send_trailers(self, trailers: Headers) -> None:
+        self.leg.send_headers(self.stream_id, trailers, True)
+
+    def end(self) -> None:
+        self.leg.send_data(self.stream_id, b"", True)
+
+    def ack(self, size: int) -> None:
+        self.leg.ack(self.stream_id, size)
+
+    def reset(self, code: int) -> None:
+        self.leg.reset_stream(self.stream_id, code)
+
+    def stop_request(self) -> None:
+        self.leg.stop_request(self.stream_id)
+
+    def release(self) -> None:
+        self.leg.release(self.stream_id)
+
+
+class H2Leg:
+    """What both HTTP/2 legs share: the filter, the output, sending, windows, streams."""
+
+    def __init__(self, conn: H2Connection, io: LegIO, expect_preface: bool) -> None:
+        self.conn = conn
+        self.io = io
+        self.filter = GoAwayFilter(expect_preface)
+        self.streams: dict[int, Exchange] = {}
+        self.writable = True
+        self.closed = False
+        self.outcome: str | None = None
+        """Why the leg ended, when it was not a plain close."""
+        self._early = b""  # bytes that must go out before h2's next ones (a graceful GOAWAY)
+        self.goaway_sent = False
+
+    # --- to be specialised ----------------------------------------------------------
+
+    def outbound(self, exchange: Exchange) -> Flow:
+        raise NotImplementedError
+
+    def inbound(self, exchange: Exchange) -> Flow:
+        raise NotImplementedError
+
+    def handle(self, event: ev.Event) -> None:
+        raise NotImplementedError
+
+    def on_goaway(self, goaway: GoAway) -> None:
+        raise NotImplementedError
+
+    def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
+        """End the connection; ``code``: send a GOAWAY with it (None: h2 has queued one)."""
+        raise NotImplementedError
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            data, goaways = self.filter.feed(data)
+        except FrameTooLarge as exc:
+            self.fail("protocol_error", str(exc), ErrorCodes.FRAME_SIZE_ERROR)
+            return
+        if data:
+            try:
+                events = self.conn.receive_data(data)
+            except ProtocolError as exc:
+                # h2 queued a GOAWAY naming the error: flush it, then close.
+                self.fail("protocol_error", f"{type(exc).__name__}: {exc}")
+                return
+            for event in events:
+                self.handle(event)
+                if self.closed:
+                    return
+            self.io.wake()
+        for goaway in goaways:
+            self.on_goaway(goaway)
+
+    def _data(self, event: ev.DataReceived) -> Flow | None:
+        """Acknowledge padding now (never forwarded) and find the flow the data is for."""
+        sid = event.stream_id
+        padding = event.flow_controlled_length - len(event.data)
+        exchange = self.streams.get(sid)
+        if exchange is None:  # an exchange already over: nobody will take these bytes
+            self.ack(sid, event.flow_controlled_length)
+            return None
+        if padding:
+            self.ack(sid, padding)
+        return self.inbound(exchange)
+
+    def _window_updated(self, event: ev.WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self.pump_all()
+        elif (exchange := self.streams.get(event.stream_id)) is not None:
+            self.outbound(exchange).pump()
+
+    def _settings_changed(self, event: ev.RemoteSettingsChanged) -> None:
+        changed = event.changed_settings
+        if SettingCodes.INITIAL_WINDOW_SIZE in changed or SettingCodes.MAX_FRAME_SIZE in changed:
+            self.pump_all()
+
+    # --- output -----------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = self.conn.data_to_send()
+        if self._early:
+            out, self._early = self._early + out, b""
+        return out
+
+    def set_writable(self, writable: bool) -> None:
+        self.writable = writable
+        if writable:
+            self.pump_all()
+
+    def pump_all(self) -> None:
+        for exchange in list(self.streams.values()):
+            self.outbound(exchange).pump()
+
+    def capacity(self, sid: int) -> int:
+        if not self.writable or self.closed:
+            return 0
+        try:
+            window = self.conn.local_flow_control_window(sid)
+        except ProtocolError:
+            return 0
+        return min(window, self.conn.max_outbound_frame_size)
+
+    def send_headers(self, sid: int, headers: Headers, end: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except ProtocolError as exc:
+            self.send_failed(sid, exc)
+        self.io.wake()
+
+    def send_data(self, sid: int, data: bytes, end: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.send_data(sid, data, end_stream=end)
+        except ProtocolError as exc:
+            self.send_failed(sid, exc)
+        self.io.wake()
+
+    def send_failed(self, sid: int, exc: ProtocolError) -> None:
+        """A send on a stream the peer has just closed: its reset event will follow."""
+        log.debug("send on stream %d failed: %s", sid, exc)
+
+    def ack(self, sid: int, size: int) -> None:
+        if self.closed or size <= 0:
+            return
+        try:
+            self.conn.acknowledge_received_data(size, sid)
+        except ProtocolError:
+            return
+        self.io.wake()
+
+    def reset_stream(self, sid: int, code: int) -> None:
+        self.streams.pop(sid, None)
+        if self.closed:
+            return
+        try:
+            self.conn.reset_stream(sid, code)
+        except ProtocolError:
+            return
+        self.io.wake()
+
+    def stop_request(self, sid: int) -> None:
+        raise NotImplementedError
+
+    def release(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+
+    def send_goaway(self, last_stream_id: int, code: int = 0) -> None:
+        """A GOAWAY that leaves streams up to ``last_stream_id`` running (h2's would not)."""
+        if self.closed or self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self._early += self.conn.data_to_send() + encode_goaway(last_stream_id, code)
+        self.io.wake()
+
+    def terminate(self, code: int, outcome: str) -> None:
+        """End the connection now with h2's GOAWAY; every stream is over."""
+        if self.closed:
+            return
+        self.outcome = self.outcome or outcome
+        with contextlib.suppress(ProtocolError):
+            self.conn.close_connection(code)
+        self.closed = True
+        self.io.wake()
+        self.io.close()
+
+
+def headers_of(raw: object) -> Headers:
+    """h2 with ``header_encoding=None`` gives bytes pairs; say so to the type checker."""
+    return cast(Headers, raw)

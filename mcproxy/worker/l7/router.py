@@ -1,0 +1,79 @@
+"""From a request head to an exchange: route, policies, forwarding headers, backend group.
+
+The route is looked up from the worker's *current* state for every request,
+not once per connection: a policy added or a backend changed through the
+admin API applies to the next request on a keep-alive connection too. (The
+certificate is the one exception: it was chosen by the TLS handshake.) A
+route that was removed, or that became L4, answers 421 Misdirected Request,
+which tells the client to retry on a new connection, where SNI routing
+applies again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from mcproxy.model import Mode, Route
+from mcproxy.worker.l7.bridge import Endpoint, Exchange
+from mcproxy.worker.l7.headers import Headers, blocked_by, for_backend
+from mcproxy.worker.l7.pool import BackendGroup
+
+__all__ = ["Router"]
+
+
+class Router:
+    """Opens exchanges for one client connection."""
+
+    def __init__(
+        self,
+        *,
+        lookup: Callable[[], Route | None],
+        client_ip: str,
+        group_for: Callable[[Route], BackendGroup],
+        on_finished: Callable[[Exchange], None],
+        hostname: str,
+        clock: Callable[[], float] = time.monotonic,
+        on_dial: Callable[[float], None] | None = None,
+    ) -> None:
+        self._lookup = lookup
+        self._client_ip = client_ip
+        self._group_for = group_for
+        self._on_finished = on_finished
+        self._hostname = hostname
+        self._clock = clock
+        self._on_dial = on_dial
+        self.open_exchanges = 0
+
+    def open(self, client: Endpoint, head: Headers, ended: bool) -> Exchange:
+        """An exchange for this request; ``home`` is its backend group unless answered locally.
+
+        The caller calls ``exchange.submit()`` when it is ready to reach the backend.
+        """
+        method = next((v for n, v in head if n == b":method"), b"").decode("latin-1")
+        route = self._lookup()
+        exchange = Exchange(
+            client,
+            method,
+            route.hostname if route else self._hostname,
+            self._finished,
+            self._clock,
+        )
+        exchange.on_dial = self._on_dial
+        self.open_exchanges += 1
+        if ended:
+            exchange.request.receive_end()
+        if route is None or route.mode is not Mode.L7:
+            exchange.respond_locally(421, "the route is gone or no longer L7")
+        elif method == "CONNECT":
+            exchange.respond_locally(501, "CONNECT is not supported")
+        elif (policy := blocked_by(route.policies, head)) is not None:
+            exchange.respond_locally(403, f"policy {policy.kind}", blocked_by=policy.kind)
+        else:
+            exchange.request.head = for_backend(head, self._client_ip)
+            exchange.home = self._group_for(route)
+        return exchange
+
+    def _finished(self, exchange: Exchange) -> None:
+        self.open_exchanges -= 1
+        self._on_finished(exchange)

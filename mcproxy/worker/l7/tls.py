@@ -1,0 +1,132 @@
+"""TLS as a sans-I/O object, so that bytes already read go into the session first.
+
+The listener reads the ClientHello to route by SNI before anyone knows the
+connection will be terminated here. :class:`TlsSession` wraps an
+``ssl.SSLObject`` between two ``ssl.MemoryBIO`` s: whatever the glue
+receives (those consumed bytes first, then the socket's) is fed with
+:meth:`TlsSession.receive`, and what the session wants to send comes out of
+:meth:`TlsSession.data_to_send`. Nothing is read twice and nothing is lost.
+The same class speaks to TLS backends, on the client side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+
+__all__ = [
+    "ALPN_H2",
+    "ALPN_HTTP1",
+    "BACKEND_CA_ENV",
+    "TlsSession",
+    "backend_context",
+    "server_context",
+]
+
+ALPN_H2 = "h2"
+ALPN_HTTP1 = "http/1.1"
+BACKEND_CA_ENV = "MCPROXY_BACKEND_CA"
+"""A PEM file of extra CAs trusted for ``backend_tls`` (beside the system store)."""
+_READ_SIZE = 256 * 1024
+
+
+def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """The client-facing context of an L7 route: TLS 1.2 minimum, ALPN h2 and http/1.1."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols([ALPN_H2, ALPN_HTTP1])
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def backend_context(extra_ca: str | None = None) -> ssl.SSLContext:
+    """The context for ``backend_tls``: verify against the system store plus ``extra_ca``.
+
+    ``extra_ca`` defaults to ``$MCPROXY_BACKEND_CA``; an unreadable file raises
+    at worker boot rather than failing every request later.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([ALPN_H2])
+    extra_ca = extra_ca if extra_ca is not None else os.environ.get(BACKEND_CA_ENV)
+    if extra_ca:
+        try:
+            context.load_verify_locations(cafile=extra_ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RuntimeError(f"{BACKEND_CA_ENV}={extra_ca}: cannot load: {reason}") from exc
+    return context
+
+
+class TlsSession:
+    """One TLS connection without a socket: bytes in, plaintext out, bytes to send."""
+
+    __slots__ = ("_incoming", "_obj", "_outgoing", "closed")
+
+    def __init__(
+        self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self.closed = False
+        """True once the peer's close_notify (or EOF) was read."""
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the peer; ``b""`` means EOF."""
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    def do_handshake(self) -> bool:
+        """Advance the handshake: True when complete. Raises ``ssl.SSLError`` on failure."""
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def read(self) -> bytes:
+        """All the plaintext available now (possibly ``b""``)."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = self._obj.read(_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+                break
+            chunks.append(chunk)
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def write(self, plaintext: bytes) -> None:
+        if plaintext:
+            self._obj.write(plaintext)
+
+    def close(self) -> None:
+        """Queue a close_notify."""
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+            self._obj.unwrap()
+
+    def data_to_send(self) -> bytes:
+        return self._outgoing.read()
+
+    @property
+    def alpn(self) -> str | None:
+        return self._obj.selected_alpn_protocol()
+
+    @property
+    def version(self) -> str | None:
+        return self._obj.version()
