@@ -71,19 +71,26 @@ def test_a_worker_that_ran_a_while_is_respawned_at_once(
     assert supervisor.worker_restarts == 1
 
 
-def test_quick_deaths_back_off_exponentially(
+def test_respawn_delay_doubles_up_to_the_cap() -> None:
+    delays = [manager.respawn_delay(n) for n in range(12)]
+    assert delays[:5] == [0.0, 0.2, 0.4, 0.8, 1.6]
+    assert max(delays) == manager.MAX_BACKOFF
+    assert delays == sorted(delays)
+
+
+def test_quick_deaths_count_up_and_set_the_respawn_time(
     supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slot = supervisor.slots[0]
-    delays = []
-    for attempt in range(12):
+    for attempt in range(1, 6):
         give_worker(supervisor, slot, 2000 + attempt, age=0.1)
         exits(monkeypatch, [(2000 + attempt, 1)])
+        before = time.monotonic()
         supervisor.reap()
-        delays.append(round(slot.respawn_at - time.monotonic(), 1))
-    assert delays[:4] == [0.2, 0.4, 0.8, 1.6]
-    assert max(delays) == manager.MAX_BACKOFF
-    assert delays == sorted(delays)
+        after = time.monotonic()
+        assert slot.quick_deaths == attempt
+        delay = manager.respawn_delay(attempt)
+        assert before + delay <= slot.respawn_at <= after + delay
 
 
 def test_a_boot_error_halts_instead_of_respawning(
