@@ -120,6 +120,7 @@ def test_one_gib_up_and_one_gib_down_with_bounded_memory(bulk: Bulk, record_prop
 def test_a_reader_that_stops_stalls_the_backend_instead_of_filling_the_proxy(
     bulk: Bulk, record_property: Any
 ) -> None:
+    baseline = max(rss for rss, _ in bulk.memory().values())
     replies = stub(bulk.channel, "unary_stream", "ServerStream")(
         f"{GIB_IN_MESSAGES},{MIB}".encode(), timeout=100
     )
@@ -134,6 +135,12 @@ def test_a_reader_that_stops_stalls_the_backend_instead_of_filling_the_proxy(
         time.sleep(1.0)
     record_property("messages_produced_while_reader_stopped", produced)
     print(f"\nbackend stalled after {produced} MiB of {GIB_IN_MESSAGES} with the reader stopped")
-    assert produced * MIB < 64 * MIB
+    # What the backend got out is what every window and socket buffer on the way
+    # holds (grpcio's client window grows with its BDP probe): far from the whole
+    # body, and the proxy's own share of it stays within its windows.
+    assert produced < GIB_IN_MESSAGES // 4
+    stalled_rss = max(rss for rss, _ in bulk.memory().values())
+    record_property("worker_rss_growth_while_stalled_mib", round((stalled_rss - baseline) / MIB, 1))
+    assert stalled_rss - baseline < RSS_GROWTH_LIMIT
     remaining = sum(1 for _ in replies)
     assert remaining == GIB_IN_MESSAGES - 1
