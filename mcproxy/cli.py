@@ -40,10 +40,10 @@ def _serve(path: str) -> int:
     return serve(config)
 
 
-def _demo(directory: str | None) -> int:
+def _demo(directory: str | None, listen_host: str) -> int:
     from mcproxy.demo import run_demo
 
-    status: int = run_demo(directory)
+    status: int = run_demo(directory, listen_host)
     return status
 
 
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="start a throwaway proxy with demo backends on loopback"
     )
     demo.add_argument("--dir", metavar="DIR", help="where to put certs, config and database")
+    demo.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the demo listener (0.0.0.0 inside a container)",
+    )
     return parser
 
 
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args.config)
     if args.command == "check":
         return _check(args.config)
-    return _demo(args.dir)
+    return _demo(args.dir, args.listen)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """``mc-proxy demo``: a working proxy on loopback that needs nothing but the package.
 
-It makes a throwaway CA and certificates, starts small TLS web servers as
-backends (in this process, on threads), writes a config that routes two
-hostnames to them, runs the real ``mc-proxy serve`` as a child process and
-prints commands to try. Ctrl-C stops everything.
+It makes a throwaway CA and certificates, starts small backends in this
+process (two TLS web servers for L4 passthrough, an h2c web server and a gRPC
+server for L7), writes a config that routes four hostnames to them, runs the
+real ``mc-proxy serve`` as a child process and prints commands to try.
+Ctrl-C (or SIGTERM) stops everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import os
@@ -18,20 +20,30 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent import futures
 from pathlib import Path
 
+import grpc
+import h2.config
+import h2.connection
+import h2.events
 import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from mcproxy.devcerts import issue, make_ca
 
 __all__ = ["run_demo"]
 
-DEMO_HOSTNAMES = ("alpha.demo.test", "beta.demo.test")
+L4_HOSTNAMES = ("alpha.demo.test", "beta.demo.test")
+WEB_HOSTNAME = "web.demo.test"
+GRPC_HOSTNAME = "grpc.demo.test"
 DEMO_PORT = 8443
+METRICS_PORT = 9090
 
 
-class _Hello(http.server.BaseHTTPRequestHandler):
-    server_version = "mc-proxy-demo-backend"
+class _TlsHello(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 backend behind TLS: mc-proxy passes its TLS through untouched (L4)."""
 
     def do_GET(self) -> None:
         name = getattr(self.server, "demo_name", "?")
@@ -47,7 +59,7 @@ class _Hello(http.server.BaseHTTPRequestHandler):
 
 
 def _start_tls_backend(name: str, cert: Path, key: Path) -> int:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TlsHello)
     server.demo_name = name  # type: ignore[attr-defined]
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -56,52 +68,161 @@ def _start_tls_backend(name: str, cert: Path, key: Path) -> int:
     return int(server.server_address[1])
 
 
-def _pick_port(preferred: int) -> int:
+class _H2cHello(asyncio.Protocol):
+    """An h2c backend (HTTP/2 without TLS) that shows what mc-proxy sent it (L7)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.transport.write(self.conn.data_to_send())
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived) and event.stream_id is not None:
+                self._answer(
+                    event.stream_id, [(bytes(n), bytes(v)) for n, v in event.headers or []]
+                )
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id is not None:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        self.transport.write(self.conn.data_to_send())
+
+    def _answer(self, stream_id: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        headers = {bytes(name).decode(): bytes(value).decode() for name, value in raw_headers}
+        lines = ["hello from the h2c backend behind an L7 route of mc-proxy"]
+        for name in (":method", ":path", "x-forwarded-for", "x-real-ip", "x-forwarded-proto"):
+            lines.append(f"{name}: {headers.get(name, '-')}")
+        body = ("\n".join(lines) + "\n").encode()
+        self.conn.send_headers(
+            stream_id,
+            [
+                (":status", "200"),
+                ("content-type", "text/plain"),
+                ("content-length", str(len(body))),
+            ],
+        )
+        self.conn.send_data(stream_id, body, end_stream=True)
+
+
+def _start_h2c_backend() -> int:
+    ready: futures.Future[int] = futures.Future()
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(loop.create_server(_H2cHello, "127.0.0.1", 0))
+        ready.set_result(int(server.sockets[0].getsockname()[1]))
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ready.result(timeout=10)
+
+
+def _start_grpc_backend() -> tuple[grpc.Server, int]:
+    """A gRPC server with the standard health service and reflection, over h2c."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _pick_port(host: str, preferred: int) -> int:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", preferred))
+            sock.bind((host, preferred))
         except OSError:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def run_demo(directory: str | None) -> int:
+def run_demo(directory: str | None, listen_host: str = "127.0.0.1") -> int:
     root = Path(directory or tempfile.mkdtemp(prefix="mc-proxy-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     ca = make_ca("mc-proxy demo CA")
     ca_path = ca.write(root)
-    routes = []
-    for name in DEMO_HOSTNAMES:
+    routes: list[dict[str, object]] = []
+    for name in L4_HOSTNAMES:
         cert, key = issue(ca, name, root)
         port = _start_tls_backend(name.split(".")[0], cert, key)
         routes.append({"hostname": name, "backend": f"127.0.0.1:{port}", "mode": "l4"})
-    listen_port = _pick_port(DEMO_PORT)
+    web_cert, web_key = issue(ca, WEB_HOSTNAME, root)
+    routes.append(
+        {
+            "hostname": WEB_HOSTNAME,
+            "backend": f"127.0.0.1:{_start_h2c_backend()}",
+            "mode": "l7",
+            "tls_cert": str(web_cert),
+            "tls_key": str(web_key),
+            "l7_policies": [{"type": "block_user_agent", "value": "BadBot"}],
+        }
+    )
+    grpc_server, grpc_port = _start_grpc_backend()
+    grpc_cert, grpc_key = issue(ca, GRPC_HOSTNAME, root)
+    routes.append(
+        {
+            "hostname": GRPC_HOSTNAME,
+            "backend": f"127.0.0.1:{grpc_port}",
+            "mode": "l7",
+            "tls_cert": str(grpc_cert),
+            "tls_key": str(grpc_key),
+        }
+    )
+    listen_port = _pick_port(listen_host, DEMO_PORT)
+    metrics_port = _pick_port("127.0.0.1", METRICS_PORT)
+    socket_path = root / "admin.sock"
     config = {
         "workers": 2,
         "database": {"path": str(root / "mc-proxy.db")},
-        "admin": {"socket": str(root / "admin.sock")},
+        "admin": {"socket": str(socket_path)},
+        "metrics": {"addr": f"127.0.0.1:{metrics_port}", "path": "/metrics"},
         "proxy": {"shutdown_timeout": "5s"},
-        "listeners": [{"addr": f"127.0.0.1:{listen_port}", "routes": routes}],
+        "listeners": [{"addr": f"{listen_host}:{listen_port}", "routes": routes}],
     }
     config_path = root / "mc-proxy.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     with contextlib.suppress(FileNotFoundError):
         (root / "mc-proxy.db").unlink()  # the demo always starts from its YAML
 
-    host = DEMO_HOSTNAMES[0]
+    p = listen_port
+    alpha, beta = L4_HOSTNAMES
     print(
         f"""
 mc-proxy demo: everything lives in {root}
-  config   {config_path}
-  CA       {ca_path}
+  config {config_path}    CA {ca_path}
 
 Try, in another terminal:
-  curl --cacert {ca_path} --resolve {host}:{listen_port}:127.0.0.1 https://{host}:{listen_port}/
-  curl --cacert {ca_path} --resolve {DEMO_HOSTNAMES[1]}:{listen_port}:127.0.0.1 \\
-       https://{DEMO_HOSTNAMES[1]}:{listen_port}/
-  openssl s_client -connect 127.0.0.1:{listen_port} -servername {host} -CAfile {ca_path} </dev/null
-  # an unknown hostname is reset without a byte:
-  curl -k --resolve unknown.test:{listen_port}:127.0.0.1 https://unknown.test:{listen_port}/
+  # L4: TLS passed through to each hostname's own backend
+  curl --cacert {ca_path} --resolve {alpha}:{p}:127.0.0.1 https://{alpha}:{p}/
+  curl --cacert {ca_path} --resolve {beta}:{p}:127.0.0.1 https://{beta}:{p}/
+  # L7: TLS ends at mc-proxy, HTTP/2 or HTTP/1.1 goes on to an h2c backend
+  curl --http2 --cacert {ca_path} --resolve {WEB_HOSTNAME}:{p}:127.0.0.1 https://{WEB_HOSTNAME}:{p}/hi
+  curl --http1.1 -A BadBot -s -o /dev/null -w '%{{http_code}}\\n' --cacert {ca_path} \\
+       --resolve {WEB_HOSTNAME}:{p}:127.0.0.1 https://{WEB_HOSTNAME}:{p}/   # 403: a route policy
+  # gRPC through an L7 route (grpcurl, if you have it)
+  grpcurl -cacert {ca_path} -authority {GRPC_HOSTNAME} -servername {GRPC_HOSTNAME} \\
+       127.0.0.1:{p} grpc.health.v1.Health/Check
+  # an unknown hostname is reset without a byte
+  curl -k --resolve unknown.test:{p}:127.0.0.1 https://unknown.test:{p}/
+  # the admin API and the metrics
+  export MCPROXY_SOCKET={socket_path}
+  mcproxyctl status
+  mcproxyctl routes list
+  mcproxyctl routes add --listener {listen_host}:{p} --hostname gamma.demo.test \\
+       --backend 127.0.0.1:1 --mode l4
+  curl -s http://127.0.0.1:{metrics_port}/metrics | grep '^mcproxy_'
 
 Ctrl-C stops the proxy and the backends.
 """,
@@ -113,8 +234,12 @@ Ctrl-C stops the proxy and the backends.
     proxy = subprocess.Popen(
         [sys.executable, "-m", "mcproxy", "serve", "--config", str(config_path)], env=env
     )
+    # SIGTERM to the demo stops the proxy the same way as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: proxy.send_signal(signal.SIGTERM))
     try:
-        return proxy.wait()
+        status = proxy.wait()
     except KeyboardInterrupt:
         proxy.send_signal(signal.SIGINT)  # usually already delivered to the whole group
-        return proxy.wait()
+        status = proxy.wait()
+    grpc_server.stop(grace=None)
+    return status
