@@ -1,8 +1,9 @@
 """Country of a client IP from a MaxMind DB (GeoLite2/GeoIP2 Country format).
 
 The firewall asks :meth:`GeoIP.country` once per connection when country
-rules exist; the C reader answers in about a microsecond from the mapped
-file. :meth:`GeoIP.refresh` is called about once a second from the worker's
+rules exist. The C reader walks the mapped file quickly but decodes the whole
+record (names in eight languages: a few microseconds), so answers are kept in
+a small per-worker cache, emptied when it fills up and on every reload. :meth:`GeoIP.refresh` is called about once a second from the worker's
 loop (never per connection): it compares the file's identity (device, inode,
 size, mtime) with the open one and, when it changed, opens the new file and
 swaps it in. A new file that cannot be read is logged and the old reader
@@ -23,6 +24,8 @@ __all__ = ["GeoIP", "GeoIPError"]
 log = logging.getLogger("mcproxy.worker")
 
 _Signature = tuple[int, int, int, int]
+CACHE_SIZE = 4096
+"""Recent clients' countries; clearing it when full is cheaper than keeping LRU order."""
 
 
 class GeoIPError(Exception):
@@ -51,6 +54,7 @@ class GeoIP:
         self.path = path
         self._reader, self._signature = _open(path)
         self._failed: _Signature | None = None
+        self._cache: dict[str, str | None] = {}
         """The signature of a replacement that failed to open (not retried until it changes)."""
 
     def country(self, ip: str) -> str | None:
@@ -59,6 +63,17 @@ class GeoIP:
         The location (``country``) wins; the registration (``registered_country``)
         stands in when the database has no location for the network.
         """
+        try:
+            return self._cache[ip]
+        except KeyError:
+            pass
+        code = self._lookup(ip)
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[ip] = code
+        return code
+
+    def _lookup(self, ip: str) -> str | None:
         try:
             record = self._reader.get(ip)
         except ValueError:  # e.g. an IPv6 address against an IPv4-only database
@@ -88,6 +103,7 @@ class GeoIP:
             log.error("%s; keeping the previous database", exc)
             return False
         old, self._reader, self._signature, self._failed = self._reader, reader, signature, None
+        self._cache.clear()
         old.close()
         log.info("GeoIP database %s reloaded", self.path)
         return True

@@ -93,3 +93,13 @@ def test_country_rules_need_a_readable_database_at_start(tmp_path: Path, db: Pat
     )
     usable = Config(path="c.yaml", firewall=FirewallSettings(geoip_db=str(db)))
     assert geoip_problem(usable, blocking) is None
+
+
+def test_cache_stays_bounded(db: Path) -> None:
+    from mcproxy.worker import geoip as module
+
+    geoip = GeoIP(str(db))
+    for i in range(module.CACHE_SIZE + 10):
+        assert geoip.country(f"10.0.{i // 256}.{i % 256}") is None
+    assert len(geoip._cache) <= module.CACHE_SIZE
+    assert geoip.country("203.0.113.1") == "KP"
