@@ -3,10 +3,12 @@
 The firewall asks :meth:`GeoIP.country` once per connection when country
 rules exist. The C reader walks the mapped file quickly but decodes the whole
 record (names in eight languages: a few microseconds), so answers are kept in
-a small per-worker cache, emptied when it fills up and on every reload. :meth:`GeoIP.refresh` is called about once a second from the worker's
-loop (never per connection): it compares the file's identity (device, inode,
-size, mtime) with the open one and, when it changed, opens the new file and
-swaps it in. A new file that cannot be read is logged and the old reader
+a small per-worker cache, emptied when it fills up and on every reload.
+
+:meth:`GeoIP.refresh` is called about once a second from the worker's loop
+(never per connection): it compares the file's identity (device, inode, size,
+mtime) with the open one and, when it changed, opens the new file and swaps
+it in. A new file that cannot be read is logged and the old reader
 stays. Replace the file atomically (write elsewhere, rename over it), as
 ``geoipupdate`` does: rewriting a mapped file in place can crash the reader.
 """
