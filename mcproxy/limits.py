@@ -239,6 +239,12 @@ class SharedLimits:
         row = self._row(listener)
         return sum(self._words[row : row + self.layout.slots])
 
+    def listener_connections(self, addr: str) -> int:
+        """Open connections of the listener at ``addr`` (0 for an unknown one); this is the
+        supervisor's ``status.ConnectionCounts``."""
+        row = self.listener_index.get(addr)
+        return 0 if row is None else self.connections(row)
+
     def slot_connections(self, slot: int) -> int:
         return sum(
             self._words[self._row(listener) + slot] for listener in range(self.layout.listeners)

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 import mcproxy
 from mcproxy import limits, pipe
 from mcproxy.config import Config
-from mcproxy.model import Change, ProxyState, apply_change
+from mcproxy.model import (
+    Change,
+    FirewallRuleAdded,
+    FirewallRuleKind,
+    ProxyState,
+    StateError,
+    apply_change,
+)
 from mcproxy.supervisor.sockets import open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
@@ -144,13 +151,6 @@ class Supervisor:
     def create_shared_memory(self) -> None:
         """Create the limits table every worker maps; listeners are fixed for the process."""
         self.shared = limits.create(sorted(self.state.listeners), self.config.worker_count())
-
-    def listener_connections(self) -> dict[str, int]:
-        """Open connections per listener across all workers, read from shared memory."""
-        if self.shared is None:
-            return {}
-        table = self.shared.limits
-        return {addr: table.connections(row) for addr, row in table.listener_index.items()}
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -405,7 +405,8 @@ class Supervisor:
             version=mcproxy.__version__,
             state=self.state,
             samples=samples,
-            counts=HeartbeatCounts(samples),
+            # Live counts from shared memory; the heartbeats' (~1 s old) without it.
+            counts=self.shared.limits if self.shared is not None else HeartbeatCounts(samples),
             started_at=self.started_at,
             worker_restarts=self.worker_restarts,
             now=time.time(),
@@ -435,6 +436,7 @@ class Supervisor:
                 continue
             try:
                 new_state = apply_change(self.state, change)  # validates against the state
+                self._check_precondition(change)
                 self.store.apply(change)  # invariant 2: commit first...
             except Exception as exc:
                 future.set_exception(exc)
@@ -449,6 +451,19 @@ class Supervisor:
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
             )
         self._settle_pending()
+
+    def _check_precondition(self, change: Change) -> None:
+        """Refuse a change this process cannot honour (FAILED_PRECONDITION at the API)."""
+        if (
+            isinstance(change, FirewallRuleAdded)
+            and change.kind is FirewallRuleKind.COUNTRY
+            and self.config.firewall.geoip_db is None
+        ):
+            raise StateError(
+                "failed_precondition",
+                f"country rules need a GeoIP database: set firewall.geoip_db in {self.config.path}"
+                " and restart",
+            )
 
     def _acknowledged(self, worker: WorkerProcess) -> None:
         for pending in self.pending:

@@ -21,7 +21,14 @@ from typing import Any
 
 from mcproxy.worker.proxy_protocol import encode_v2
 from tests.certs import CA
-from tests.e2e.harness import ProxyProcess, TlsBackend, client_context, free_port, wait_for
+from tests.e2e.harness import (
+    ProxyProcess,
+    TlsBackend,
+    client_context,
+    free_port,
+    mcproxyctl,
+    wait_for,
+)
 from tests.geoipdb import write_country_db
 
 
@@ -122,6 +129,44 @@ def ended(proxy: ProxyProcess) -> int:
     return len(re.findall(r" outcome=", proxy.log()))
 
 
+def live(proxy: ProxyProcess) -> tuple[int, int]:
+    """(open connections, max_connections) of the only listener, from ``mcproxyctl status``."""
+    (listener,) = proxy.ctl_json("status")["listeners"]
+    return listener["active_connections"], listener["max_connections"]
+
+
+def test_max_connections_changed_at_runtime_through_mcproxyctl(
+    tmp_path: Path, backends: dict[str, TlsBackend]
+) -> None:
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    proxy = patient(tmp_path, config(port, backends), workers=4)
+    with proxy:
+        crowd = Connections(port, 30)
+        wait_for(lambda: live(proxy) == (30, 0), 10, "30 live connections in status")
+        assert proxy.ctl_json("listeners", "set-max-connections", "--listener", addr, "20")
+        # Applied by every worker before the call returned: nobody gets in, whichever worker.
+        late = Connections(port, 10)
+        assert late.settle(10) == {"reset": 10}
+        assert crowd.counts() == {"open": 30}  # a lower limit leaves open connections alone
+        assert live(proxy) == (30, 20)
+        for sock in crowd.sockets[:15]:
+            sock.close()
+        wait_for(lambda: live(proxy) == (15, 20), 10, "15 connections after closing 15")
+        more = Connections(port, 10)
+        assert more.settle(5) == {"open": 5, "reset": 5}
+        assert live(proxy) == (20, 20)
+        proxy.ctl_json("listeners", "set-max-connections", "--listener", addr, "0")
+        unlimited = Connections(port, 10)
+        wait_for(lambda: live(proxy) == (30, 0), 10, "30 live connections with no limit")
+        assert unlimited.counts() == {"open": 10}
+        proxy.ctl_json("listeners", "set-max-connections", "--listener", addr, "25")
+        for group in (crowd, late, more, unlimited):
+            group.close()
+    with proxy:  # persisted: a restart keeps the last limit
+        assert live(proxy) == (0, 25)
+
+
 def test_max_connections_holds_across_four_workers(
     tmp_path: Path, backends: dict[str, TlsBackend], ca: CA
 ) -> None:
@@ -130,6 +175,7 @@ def test_max_connections_holds_across_four_workers(
     with proxy:
         crowd = Connections(port, 400)
         assert crowd.settle(350) == {"open": 50, "reset": 350}
+        assert live(proxy) == (50, 50)  # mcproxyctl status reads the shared counters
         assert len(refusals(proxy, "max_connections")) == 350
         assert len(set(refusals(proxy, "max_connections"))) > 1  # several workers refused
         # The 50 are real connections: each completes TLS with its backend.
@@ -176,6 +222,7 @@ def test_killed_worker_frees_its_slots_within_two_seconds(
         freed = int(line.group(1))
         assert released_after < 2.0
         assert 0 < freed < 40
+        assert live(proxy) == (40 - freed, 40)
         assert crowd.settle(1 + freed, timeout=5) == {
             "open": 40 - freed,
             "closed": freed,
@@ -197,13 +244,7 @@ def test_rate_limit_per_ip_across_five_workers(
     proxy = ProxyProcess(tmp_path, cfg, workers=5)
 
     def attempt(source: str) -> bool:
-        try:
-            raw = socket.create_connection(("127.0.0.1", port), 10, (source, 0))
-            with client_context(ca.pem).wrap_socket(raw, server_hostname="alpha.test") as tls:
-                tls.sendall(b"NAME\n")
-                return tls.recv(100) == b"alpha.test\n"
-        except (OSError, ssl.SSLError):
-            return False
+        return reaches(port, ca, source)
 
     with proxy, concurrent.futures.ThreadPoolExecutor(10) as pool:
         started = time.monotonic()
@@ -216,6 +257,44 @@ def test_rate_limit_per_ip_across_five_workers(
         assert len(set(refused_by)) > 1  # the count is shared: several workers refused
         # Another address has its own count.
         assert list(pool.map(attempt, ["127.0.0.2"] * 5)) == [True] * 5
+
+
+def reaches(port: int, ca: CA, source: str = "127.0.0.1") -> bool:
+    """A TLS connection from ``source`` reaches alpha.test; False when it is reset."""
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), 10, (source, 0))
+        with client_context(ca.pem).wrap_socket(raw, server_hostname="alpha.test") as tls:
+            tls.sendall(b"NAME\n")
+            return tls.recv(100) == b"alpha.test\n"
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_firewall_rules_from_mcproxyctl_apply_before_it_returns(
+    tmp_path: Path, backends: dict[str, TlsBackend], ca: CA
+) -> None:
+    port = free_port()
+    with ProxyProcess(tmp_path, config(port, backends)) as proxy:
+        for kind, value in (("ip", "127.0.0.2"), ("cidr", "127.0.0.2/32")):
+            proxy.ctl_json("firewall", "add", "--type", kind, "--value", value)
+            # No wait: every worker applied it before mcproxyctl returned.
+            assert [reaches(port, ca, "127.0.0.2") for _ in range(6)] == [False] * 6
+            assert reaches(port, ca, "127.0.0.1")
+            proxy.ctl_json("firewall", "remove", "--type", kind, "--value", value)
+            assert [reaches(port, ca, "127.0.0.2") for _ in range(6)] == [True] * 6
+        assert len(refusals(proxy, "firewall_ip")) == len(refusals(proxy, "firewall_cidr")) == 6
+
+
+def test_country_rule_needs_a_geoip_database(
+    tmp_path: Path, backends: dict[str, TlsBackend]
+) -> None:
+    with ProxyProcess(tmp_path, config(free_port(), backends)) as proxy:
+        done = mcproxyctl(
+            proxy.config["admin"]["socket"], "firewall", "add", "--type", "country", "--value", "FR"
+        )
+        assert done.returncode == 1
+        assert "country rules need a GeoIP database: set firewall.geoip_db" in done.stderr
+        assert proxy.ctl_json("firewall", "list") == []
 
 
 def proxied(port: int, source: str, ca: CA) -> bool:
@@ -254,6 +333,12 @@ def test_blocked_country_is_reset_and_others_pass(
         assert proxied(port, "2001:db8:2::7", ca)
         assert proxied(port, "192.0.2.1", ca)  # not in the database: let in
         assert len(refusals(proxy, "firewall_country")) == 2
+
+        # A country blocked through the admin API applies before the call returns.
+        proxy.ctl_json("firewall", "add", "--type", "country", "--value", "FR")
+        assert [proxied(port, "2001:db8:2::7", ca) for _ in range(4)] == [False] * 4
+        proxy.ctl_json("firewall", "remove", "--type", "country", "--value", "FR")
+        assert [proxied(port, "198.51.100.7", ca) for _ in range(4)] == [True] * 4
 
         # Replaced on disk, the database is reopened by every worker without a restart.
         write_country_db(db, {"198.51.100.0/24": "KP"})

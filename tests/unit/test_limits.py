@@ -81,6 +81,14 @@ def test_limit_counts_across_slots() -> None:
     assert not t.try_acquire(0, 0, 5)
 
 
+def test_status_reads_counts_by_listener_address() -> None:
+    t = table(("a:1", "b:2"))
+    t.try_acquire(1, 0, 0)
+    t.try_acquire(1, 3, 0)
+    assert (t.listener_connections("a:1"), t.listener_connections("b:2")) == (0, 2)
+    assert t.listener_connections("c:3") == 0
+
+
 def test_zero_means_unlimited_but_still_counted() -> None:
     t = table()
     for _ in range(100):
