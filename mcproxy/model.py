@@ -68,10 +68,11 @@ class AddressError(ValueError):
 class StateError(ValueError):
     """A change that does not fit the current state (unknown listener, duplicate route...).
 
-    ``kind`` is ``"not_found"``, ``"already_exists"`` or ``"invalid"`` (the
-    change contradicts the thing it targets, like a policy on an l4 route) so
-    that the admin API can map it onto a gRPC status code without parsing the
-    message.
+    ``kind`` is ``"not_found"``, ``"already_exists"``, ``"invalid"`` (the
+    change contradicts the thing it targets, like a policy on an l4 route) or
+    ``"failed_precondition"`` (this process cannot honour it, like a country
+    rule with no GeoIP database) so that the admin API can map it onto a gRPC
+    status code without parsing the message.
     """
 
     def __init__(self, kind: str, message: str) -> None:

@@ -60,7 +60,8 @@ class Boot:
     geoip_db: str | None = None
     rate_limit: int = 0
     rate_window: float = 60.0
-    shm_path: str | None = None
+    shm_fd: int | None = None
+    """Inherited fd of the shared limits file (:mod:`mcproxy.limits`)."""
     metrics_dir: str | None = None
 
 

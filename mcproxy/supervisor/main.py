@@ -16,11 +16,13 @@ from setproctitle import setproctitle
 from mcproxy import __version__
 from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
+from mcproxy.model import ProxyState
 from mcproxy.supervisor.manager import Supervisor, enable_fault_dumps
 from mcproxy.supervisor.sockets import ListenError
 from mcproxy.supervisor.store import Store, StoreError
+from mcproxy.worker.geoip import GeoIP, GeoIPError
 
-__all__ = ["serve"]
+__all__ = ["geoip_problem", "serve"]
 
 log = logging.getLogger("mcproxy.supervisor")
 
@@ -52,6 +54,22 @@ def raise_fd_limit() -> None:
     log.info("open-file limit: %d", soft)
 
 
+def geoip_problem(config: Config, state: ProxyState) -> str | None:
+    """Why country rules cannot work, if they cannot: they may come from the database
+    (invariant 1) while the YAML, read at every start, names no usable GeoIP file."""
+    countries = sorted(state.firewall.blocked_countries)
+    if not countries:
+        return None
+    where = f"{config.path}: firewall.geoip_db"
+    if config.firewall.geoip_db is None:
+        return f"{where}: required: the firewall blocks countries {', '.join(countries)}"
+    try:
+        GeoIP(config.firewall.geoip_db).close()
+    except GeoIPError as exc:
+        return f"{where}: {exc} (the firewall blocks countries {', '.join(countries)})"
+    return None
+
+
 def serve(config: Config) -> int:
     configure_logging()
     setproctitle("mc-proxy: supervisor")
@@ -66,12 +84,16 @@ def serve(config: Config) -> int:
         store.seed(config.seed)
         log.info("database %s was empty: seeded from %s", config.database_path, config.path)
     state = store.load()
+    if problem := geoip_problem(config, state):
+        log.error("%s", problem)
+        return 1
     supervisor = Supervisor(config, store, state)
     try:
         supervisor.open_sockets()
     except ListenError as exc:
         log.error("%s", exc)
         return 1
+    supervisor.create_shared_memory()
     try:
         admin = AdminServer(config.admin_socket, supervisor).start()
     except AdminSocketError as exc:

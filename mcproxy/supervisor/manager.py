@@ -31,9 +31,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mcproxy
-from mcproxy import pipe
+from mcproxy import limits, pipe
 from mcproxy.config import Config
-from mcproxy.model import Change, ProxyState, apply_change
+from mcproxy.model import (
+    Change,
+    FirewallRuleAdded,
+    FirewallRuleKind,
+    ProxyState,
+    StateError,
+    apply_change,
+)
 from mcproxy.supervisor.sockets import open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
@@ -123,6 +130,8 @@ class Supervisor:
         self.worker_env: dict[str, str] = {}
         self.samples: tuple[WorkerSample, ...] = ()
         """The worker table as of the last loop turn; replaced whole, read by API threads."""
+        self.shared: limits.SharedMemory | None = None
+        """Connection counters and rate table shared with the workers (invariant 4)."""
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -138,6 +147,10 @@ class Supervisor:
                 for addr, listener in self.state.listeners.items()
             }
             self.slots.append(Slot(index, sockets))
+
+    def create_shared_memory(self) -> None:
+        """Create the limits table every worker maps; listeners are fixed for the process."""
+        self.shared = limits.create(sorted(self.state.listeners), self.config.worker_count())
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -208,12 +221,16 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         parent_end, child_end = socket.socketpair()
         fds = {addr: sock.fileno() for addr, sock in slot.sockets.items()}
+        shm_fd = self.shared.fd if self.shared is not None else None
+        inherited = [child_end.fileno(), *fds.values()]
+        if shm_fd is not None:
+            inherited.append(shm_fd)
         env = {**os.environ, **self.worker_env}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mcproxy.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         process = subprocess.Popen(
             [sys.executable, "-m", "mcproxy.worker", "--pipe-fd", str(child_end.fileno())],
-            pass_fds=[child_end.fileno(), *fds.values()],
+            pass_fds=inherited,
             env=env,
             stdin=subprocess.DEVNULL,
         )
@@ -229,6 +246,7 @@ class Supervisor:
             geoip_db=self.config.firewall.geoip_db,
             rate_limit=self.config.firewall.rate_limit,
             rate_window=self.config.firewall.rate_window,
+            shm_fd=shm_fd,
         )
         self._send(worker, boot)
         self._send(worker, pipe.Snapshot(self.state))
@@ -301,6 +319,7 @@ class Supervisor:
             worker = slot.worker
             worker.process.returncode = os.waitstatus_to_exitcode(status)
             self._forget(slot)
+            self._release_connections(slot)
             code = worker.process.returncode
             if code == BOOT_ERROR and not self.stopping:
                 raise Halt(f"worker {slot.index} could not boot (exit {code}); stopping")
@@ -332,6 +351,15 @@ class Supervisor:
         for pending in self.pending:
             pending.waiting.discard(worker.pid)
         self._settle_pending()
+
+    def _release_connections(self, slot: Slot) -> None:
+        """A dead worker's connections are gone with it: free their counts before a
+        new worker takes the slot (reap() runs before fill_slots() on every turn)."""
+        if self.shared is None:
+            return
+        freed = self.shared.limits.clear_slot(slot.index - 1)
+        if freed:
+            log.info("worker %d: released %d connection slots it held", slot.index, freed)
 
     def kill_unresponsive(self) -> None:
         now = time.monotonic()
@@ -377,7 +405,8 @@ class Supervisor:
             version=mcproxy.__version__,
             state=self.state,
             samples=samples,
-            counts=HeartbeatCounts(samples),
+            # Live counts from shared memory; the heartbeats' (~1 s old) without it.
+            counts=self.shared.limits if self.shared is not None else HeartbeatCounts(samples),
             started_at=self.started_at,
             worker_restarts=self.worker_restarts,
             now=time.time(),
@@ -407,6 +436,7 @@ class Supervisor:
                 continue
             try:
                 new_state = apply_change(self.state, change)  # validates against the state
+                self._check_precondition(change)
                 self.store.apply(change)  # invariant 2: commit first...
             except Exception as exc:
                 future.set_exception(exc)
@@ -421,6 +451,19 @@ class Supervisor:
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
             )
         self._settle_pending()
+
+    def _check_precondition(self, change: Change) -> None:
+        """Refuse a change this process cannot honour (FAILED_PRECONDITION at the API)."""
+        if (
+            isinstance(change, FirewallRuleAdded)
+            and change.kind is FirewallRuleKind.COUNTRY
+            and self.config.firewall.geoip_db is None
+        ):
+            raise StateError(
+                "failed_precondition",
+                f"country rules need a GeoIP database: set firewall.geoip_db in {self.config.path}"
+                " and restart",
+            )
 
     def _acknowledged(self, worker: WorkerProcess) -> None:
         for pending in self.pending:

@@ -6,10 +6,10 @@ admin API's threads combine the latest tuple with the current
 :class:`~mcproxy.model.ProxyState` (also immutable) in :func:`build_status`.
 No lock, and no gRPC thread ever reads the loop's mutable dicts.
 
-Per-listener connection counts come from a :class:`ConnectionCounts`. For
-now that is :class:`HeartbeatCounts`, the sum of what the workers said in
-their last heartbeat (at most about a second old); shared-memory counters
-(invariant 4) can replace it without touching the rest.
+Per-listener connection counts come from a :class:`ConnectionCounts`: the
+live shared-memory counters (:class:`mcproxy.limits.SharedLimits`, invariant
+4) when the supervisor has them, else :class:`HeartbeatCounts`, the sum of
+what the workers said in their last heartbeat (at most about a second old).
 """
 
 from __future__ import annotations

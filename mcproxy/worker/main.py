@@ -22,10 +22,12 @@ import signal
 import socket
 import sys
 
-from mcproxy import pipe
+from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.worker.admission import SharedAdmission
+from mcproxy.worker.geoip import GeoIP
 from mcproxy.worker.l7 import L7Proxy
-from mcproxy.worker.listener import ConnectionServer
+from mcproxy.worker.listener import Admission, ConnectionServer
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
 
@@ -42,6 +44,7 @@ class Worker:
         self.state = ProxyState()
         self.server: ConnectionServer | None = None
         self.boot: pipe.Boot | None = None
+        self.geoip: GeoIP | None = None
         self.stopping = asyncio.Event()
         self.booted = False
         self.failure: Exception | None = None
@@ -111,7 +114,16 @@ class Worker:
 
         self.boot = boot
         setproctitle(f"mc-proxy: worker {boot.slot}")
-        self.server = ConnectionServer(asyncio.get_running_loop(), boot.timeouts)
+        admission: Admission | None = None
+        if boot.shm_fd is not None:
+            shared = limits.attach(boot.shm_fd).limits
+            admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
+        if boot.geoip_db is not None:
+            self.geoip = GeoIP(boot.geoip_db)
+        country_of = self.geoip.country if self.geoip is not None else None
+        self.server = ConnectionServer(
+            asyncio.get_running_loop(), boot.timeouts, admission, country_of
+        )
         L7Proxy(self.server).install()
 
     def _start_serving(self) -> None:
@@ -146,6 +158,8 @@ class Worker:
             active = len(server.connections) if server else 0
             by_listener = dict(server.active_by_listener) if server else {}
             self._send(pipe.Heartbeat(self.state.generation, active, by_listener))
+            if self.geoip is not None:
+                self.geoip.refresh()  # a replaced database is picked up within a second
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 

@@ -12,6 +12,15 @@ a relay never holds more than one chunk per direction.
 Half-close is passed through: EOF from one side becomes ``shutdown(SHUT_WR)``
 on the other once its pending bytes are written. A reset or error on either
 side resets both (SO_LINGER 0), so the peer sees what the proxy saw.
+
+A readable event is served by reading until the socket has nothing more
+(``EAGAIN``), EOF or an error, not by one ``recv``: uvloop (libuv) reports a
+socket error (a RST that arrives with data still queued) once, runs the reader
+that one time and then stops watching the descriptor, so a reader that took
+only the data would never hear of the reset, and the relay and its connection
+slot would stay until the idle timeout. The reads per event are bounded for
+fairness; a reader that hits the bound re-registers, which gives it a fresh
+watcher in uvloop.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ _CHUNK = 256 * 1024
 _shared_buffer = bytearray(_CHUNK)
 _shared_view = memoryview(_shared_buffer)
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_READS_PER_EVENT = 16
+"""At most 4 MiB per direction per wake-up, so one busy relay cannot starve the others."""
 
 
 def reset(sock: socket.socket) -> None:
@@ -92,31 +103,36 @@ class Relay:
         return self.downstream.bytes
 
     def _on_readable(self, d: _Direction) -> None:
-        try:
-            n = d.src.recv_into(_shared_buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.finish("reset")
-            return
-        if n == 0:
-            d.eof = True
-            self._loop.remove_reader(d.src.fileno())
-            self._shutdown_if_flushed(d)
-            return
-        d.bytes += n
-        self._last_activity = self._loop.time()
-        try:
-            sent = d.dst.send(_shared_view[:n])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.finish("reset")
-            return
-        if sent < n:
-            d.pending = bytes(_shared_view[sent:n])
-            self._loop.remove_reader(d.src.fileno())
-            self._loop.add_writer(d.dst.fileno(), self._on_writable, d)
+        for _ in range(_READS_PER_EVENT):
+            try:
+                n = d.src.recv_into(_shared_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.finish("reset")
+                return
+            if n == 0:
+                d.eof = True
+                self._loop.remove_reader(d.src.fileno())
+                self._shutdown_if_flushed(d)
+                return
+            d.bytes += n
+            self._last_activity = self._loop.time()
+            try:
+                sent = d.dst.send(_shared_view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.finish("reset")
+                return
+            if sent < n:
+                d.pending = bytes(_shared_view[sent:n])
+                self._loop.remove_reader(d.src.fileno())
+                self._loop.add_writer(d.dst.fileno(), self._on_writable, d)
+                return
+        # Still more to read: come back on the next turn with a fresh registration.
+        self._loop.remove_reader(d.src.fileno())
+        self._loop.add_reader(d.src.fileno(), self._on_readable, d)
 
     def _on_writable(self, d: _Direction) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ __all__ = [
     "client_context",
     "free_port",
     "is_reset",
+    "mcproxyctl",
     "pattern",
     "wait_for",
 ]
@@ -82,6 +84,22 @@ def is_reset(sock: socket.socket, timeout: float = 5.0) -> bool:
         return True
     del data  # bytes or a clean EOF: not a reset
     return False
+
+
+def mcproxyctl(
+    socket_path: str | Path, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``mcproxyctl`` as a separate process, exactly as an operator would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MCPROXY_SOCKET": str(socket_path)}
+    return subprocess.run(
+        [sys.executable, "-m", "mcproxy.admin.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
 
 
 class TlsBackend:
@@ -264,6 +282,12 @@ class ProxyProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+    def ctl_json(self, *args: str) -> Any:
+        """``mcproxyctl --json`` against this proxy's admin socket; fails the test on error."""
+        done = mcproxyctl(self.config["admin"]["socket"], "--json", *args, cwd=self.directory)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
 
     def connect(
         self, port: int, hostname: str | None, ca_pem: bytes, timeout: float = 10.0

@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +30,14 @@ from mcproxy.model import Address, FirewallRules, L7Policy, Mode, PolicyKind, Ro
 from mcproxy.supervisor.status import Status
 from tests.certs import CA, issue
 from tests.e2e.harness import (
-    REPO_ROOT,
     ProxyProcess,
     TlsBackend,
     client_context,
     free_port,
+    mcproxyctl,
     wait_for,
 )
+from tests.geoipdb import write_country_db
 
 
 @pytest.fixture
@@ -56,8 +56,13 @@ class Setup:
         self.ca = ca
         self.dir = tmp_path
         routes = [{"hostname": name, "backend": b.addr} for name, b in backends.items()]
+        geoip = write_country_db(tmp_path / "country.mmdb", {"203.0.113.0/24": "KP"})
         self.proxy = ProxyProcess(
-            tmp_path, {"listeners": [{"addr": self.listener, "routes": routes}]}
+            tmp_path,
+            {
+                "listeners": [{"addr": self.listener, "routes": routes}],
+                "firewall": {"geoip_db": str(geoip)},  # country rules need one
+            },
         )
         self.socket = str(tmp_path / "admin.sock")
 
@@ -65,17 +70,7 @@ class Setup:
         return AdminClient(self.socket, timeout=20)
 
     def ctl(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        """``mcproxyctl`` as a separate process, exactly as an operator would run it."""
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MCPROXY_SOCKET": self.socket}
-        return subprocess.run(
-            [sys.executable, "-m", "mcproxy.admin.cli", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=cwd or self.dir,
-            timeout=60,
-            check=False,
-        )
+        return mcproxyctl(self.socket, *args, cwd=cwd or self.dir)
 
     def ctl_json(self, *args: str, cwd: Path | None = None) -> Any:
         done = self.ctl("--json", *args, cwd=cwd)
@@ -465,8 +460,10 @@ def test_status_counts_open_connections(setup: Setup) -> None:
 
             def counted() -> Status | None:
                 status = admin.status()
-                return status if status.listeners[0].active_connections == 1 else None
+                by_workers = sum(w.active_connections for w in status.workers)
+                return status if status.listeners[0].active_connections == by_workers == 1 else None
 
+            # The listener's count is live (shared memory); the workers' come with heartbeats.
             status = wait_for(counted, 10, "the open connection in a heartbeat")
             assert sorted(w.active_connections for w in status.workers) == [0, 1]
             assert sorted(w.pid for w in status.workers) == sorted(setup.proxy.worker_pids())
