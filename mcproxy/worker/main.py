@@ -69,22 +69,31 @@ class Worker:
         return 0
 
     def _on_pipe_readable(self) -> None:
-        try:
-            data = self.pipe_sock.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the supervisor is gone: nobody will route for us any more
+        # Read until the socket is empty: uvloop reports readiness once for data
+        # followed by a reset, so a reset must be found in the same call.
+        while True:
+            try:
+                data = self.pipe_sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._supervisor_gone("supervisor pipe closed")
+                return
+            try:
+                for message in self.decoder.feed(data):
+                    self._handle(message)
+            except Exception as exc:  # a pipe we cannot follow leaves us with unknown state
+                self.failure = exc
+                self.stopping.set()
+                return
+
+    def _supervisor_gone(self, why: str) -> None:
+        """Nobody will route for us any more: drain and exit rather than serve as an orphan."""
+        if not self.stopping.is_set():
             asyncio.get_running_loop().remove_reader(self.pipe_sock.fileno())
-            log.warning("supervisor pipe closed; shutting down")
-            self.stopping.set()
-            return
-        try:
-            for message in self.decoder.feed(data):
-                self._handle(message)
-        except Exception as exc:  # a pipe we cannot follow leaves us with unknown state
-            self.failure = exc
+            log.warning("%s; shutting down", why)
             self.stopping.set()
 
     def _handle(self, message: pipe.Message) -> None:
@@ -153,7 +162,11 @@ class Worker:
             self.stopping.set()
 
     async def _heartbeat(self) -> None:
+        parent = os.getppid()
         while True:
+            if os.getppid() != parent:  # reparented: the supervisor died without closing the pipe
+                self._supervisor_gone("supervisor process gone")
+                return
             server = self.server
             active = len(server.connections) if server else 0
             by_listener = dict(server.active_by_listener) if server else {}
