@@ -1,0 +1,211 @@
+"""A worker's Prometheus metrics, derived from connection and request records.
+
+Nothing here runs on the per-byte path: a connection touches the metrics when
+it is accepted (accepted, active) and once when it ends, from its
+:class:`~mcproxy.worker.records.ConnectionRecord`; an L7 request once, from its
+:class:`~mcproxy.worker.records.RequestRecord`.
+
+In the proxy, ``prometheus_client`` runs in multiprocess mode: the supervisor
+puts ``PROMETHEUS_MULTIPROC_DIR`` in the worker's environment, each worker
+writes its own mmap files there, and the supervisor merges them at scrape time
+(:mod:`mcproxy.supervisor.metrics`). The active-connections gauge is a
+``livesum``: the supervisor deletes a dead worker's file, so its connections
+stop counting the moment it is reaped.
+
+Labels are bounded: listener address, configured route hostname, mode,
+refusal reason, outcome, method class, status code. Never the client address
+and never an SNI that matched no route.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mcproxy.model import PolicyKind
+from mcproxy.worker.errors import Reason
+from mcproxy.worker.records import ConnectionRecord, RequestRecord
+
+if TYPE_CHECKING:
+    from mcproxy.worker.listener import ConnectionServer
+
+__all__ = [
+    "DIAL_BUCKETS",
+    "OUTCOMES",
+    "REQUEST_BUCKETS",
+    "WorkerMetrics",
+    "method_class",
+    "outcome_label",
+    "require_multiprocess_mode",
+]
+
+DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""A loopback dial takes ~100 µs, a LAN one ~1 ms; the top buckets are for a slow backend."""
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+OUTCOMES = frozenset(
+    {
+        "closed",
+        "reset",
+        "idle_timeout",
+        "backend_unreachable",
+        "backend_timeout",
+        "backend_reset",
+        "error",
+        "cancelled",
+    }
+)
+"""How a connection that was not refused can end; anything else is counted as ``other``."""
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
+_POLICIES = frozenset(kind.value for kind in PolicyKind)
+_REASONS = frozenset(reason.value for reason in Reason)
+_DIAL_FAILURES = {"backend_unreachable": "unreachable", "backend_timeout": "timeout"}
+_NO_MODE = "none"
+
+
+def method_class(method: str) -> str:
+    """The method as a label: the standard ones as they are, anything else ``other``."""
+    return method if method in _METHODS else "other"
+
+
+def outcome_label(outcome: str) -> tuple[str, str | None]:
+    """``(outcome, refusal reason)`` for a record's outcome, each from a closed vocabulary."""
+    if outcome.startswith("refused:"):
+        reason = outcome[len("refused:") :]
+        return "refused", reason if reason in _REASONS else "other"
+    return (outcome if outcome in OUTCOMES else "other"), None
+
+
+def require_multiprocess_mode(directory: str) -> None:
+    """Make sure this process writes its metrics to ``directory``, or raise.
+
+    The supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` in the worker's environment;
+    ``prometheus_client`` reads it once, when it is first imported. Setting it
+    here covers a worker started some other way, as long as nothing imported
+    the library earlier.
+    """
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
+    from prometheus_client import values
+
+    if os.environ["PROMETHEUS_MULTIPROC_DIR"] != directory:
+        raise RuntimeError(
+            f"PROMETHEUS_MULTIPROC_DIR is {os.environ['PROMETHEUS_MULTIPROC_DIR']!r},"
+            f" the supervisor collects {directory!r}"
+        )
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        raise RuntimeError("prometheus_client was imported before multiprocess mode was set")
+
+
+class WorkerMetrics:
+    """The metric objects of one worker, and the mapping from records onto them.
+
+    ``registry`` is for tests (a private :class:`CollectorRegistry` to read
+    back); the proxy passes ``None`` because the supervisor reads the files.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry
+        self.accepted = Counter(
+            "mcproxy_connections",
+            "Connections accepted, per listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "mcproxy_connections_active",
+            "Connections open now, per listener (all live workers).",
+            ["listener"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.finished = Counter(
+            "mcproxy_connections_finished",
+            "Connections that ended, per listener, route mode and outcome.",
+            ["listener", "mode", "outcome"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "mcproxy_connections_refused",
+            "Connections reset before routing, per listener and reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.dial = Histogram(
+            "mcproxy_backend_dial_seconds",
+            "Time to connect to a route's backend (successful dials).",
+            ["listener", "route"],
+            buckets=DIAL_BUCKETS,
+            registry=r,
+        )
+        self.dial_failures = Counter(
+            "mcproxy_backend_dial_failures",
+            "Backend dials that failed, per route and reason (unreachable, timeout).",
+            ["listener", "route", "reason"],
+            registry=r,
+        )
+        self.relayed = Counter(
+            "mcproxy_relayed_bytes",
+            "Bytes relayed for a route's connections; up is client to backend.",
+            ["listener", "route", "direction"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "mcproxy_http_requests",
+            "L7 requests answered, per route, method class and status code.",
+            ["listener", "route", "method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mcproxy_http_request_duration_seconds",
+            "L7 request duration, from the request headers to the end of the response.",
+            ["listener", "route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.policy_blocks = Counter(
+            "mcproxy_http_policy_blocks",
+            "L7 requests answered 403 by a route policy, per policy type.",
+            ["listener", "route", "policy"],
+            registry=r,
+        )
+
+    def install(self, server: ConnectionServer) -> None:
+        server.on_started.append(self.connection_started)
+        server.on_finished.append(self.connection_finished)
+        server.on_request.append(self.request_finished)
+
+    def connection_started(self, record: ConnectionRecord) -> None:
+        self.accepted.labels(record.listener).inc()
+        self.active.labels(record.listener).inc()
+
+    def connection_finished(self, record: ConnectionRecord) -> None:
+        listener, route = record.listener, record.route
+        self.active.labels(listener).dec()
+        outcome, reason = outcome_label(record.outcome)
+        mode = route.mode.value if route is not None else _NO_MODE
+        self.finished.labels(listener, mode, outcome).inc()
+        if reason is not None:
+            self.refused.labels(listener, reason).inc()
+        if route is None:
+            return
+        if record.dial_seconds is not None:
+            self.dial.labels(listener, route.hostname).observe(record.dial_seconds)
+        failure = _DIAL_FAILURES.get(record.outcome)
+        if failure is not None:
+            self.dial_failures.labels(listener, route.hostname, failure).inc()
+        if record.bytes_up:
+            self.relayed.labels(listener, route.hostname, "up").inc(record.bytes_up)
+        if record.bytes_down:
+            self.relayed.labels(listener, route.hostname, "down").inc(record.bytes_down)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        listener, route = record.listener, record.route
+        code = str(record.status) if 100 <= record.status <= 599 else "other"
+        self.requests.labels(listener, route, method_class(record.method), code).inc()
+        self.request_duration.labels(listener, route).observe(record.duration)
+        if record.blocked_by is not None:
+            policy = record.blocked_by if record.blocked_by in _POLICIES else "other"
+            self.policy_blocks.labels(listener, route, policy).inc()
