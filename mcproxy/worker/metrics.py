@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mcproxy.model import PolicyKind
+from mcproxy.model import PolicyKind, Route
 from mcproxy.worker.errors import Reason
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
@@ -183,14 +183,18 @@ class WorkerMetrics:
 
     def connection_finished(self, record: ConnectionRecord) -> None:
         listener, route = record.listener, record.route
-        self.active.labels(listener).dec()
         outcome, reason = outcome_label(record.outcome)
         mode = route.mode.value if route is not None else _NO_MODE
         self.finished.labels(listener, mode, outcome).inc()
         if reason is not None:
             self.refused.labels(listener, reason).inc()
-        if route is None:
-            return
+        if route is not None:
+            self._route_finished(record, route)
+        # Last, so that a scrape that sees the connection gone also sees its counts.
+        self.active.labels(listener).dec()
+
+    def _route_finished(self, record: ConnectionRecord, route: Route) -> None:
+        listener = record.listener
         if record.dial_seconds is not None:
             self.dial.labels(listener, route.hostname).observe(record.dial_seconds)
         failure = _DIAL_FAILURES.get(record.outcome)
