@@ -109,6 +109,16 @@ def test_successful_dial_is_observed_and_bytes_count_per_direction(
     assert value(registry, finished, listener=LISTENER, mode="l4", outcome="idle_timeout") == 1
 
 
+def test_an_l7_routes_connections_are_labelled_l7(
+    metrics: WorkerMetrics, registry: CollectorRegistry
+) -> None:
+    run(metrics, connection("closed", WEB, bytes_up=5, bytes_down=7))
+    finished = "mcproxy_connections_finished_total"
+    assert value(registry, finished, listener=LISTENER, mode="l7", outcome="closed") == 1
+    route = {"listener": LISTENER, "route": "web.test"}
+    assert value(registry, "mcproxy_relayed_bytes_total", direction="down", **route) == 7
+
+
 @pytest.mark.parametrize(
     ("outcome", "reason"), [("backend_unreachable", "unreachable"), ("backend_timeout", "timeout")]
 )
