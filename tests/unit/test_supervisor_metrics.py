@@ -1,9 +1,9 @@
 """The supervisor's side of multiprocess metrics: wipe, fold dead workers, serve.
 
 The worker files come from real processes (``tests/unit/metrics_children.py``)
-that record with the real ``WorkerMetrics`` in multiprocess mode;
-``MetricsDirectory.worker_exited`` is what the supervisor calls when it reaps
-a worker.
+that record with the real ``WorkerMetrics`` in multiprocess mode; the
+supervisor's side is the real one, down to ``Supervisor.reap()`` with
+``os.waitpid`` patched as in ``test_manager.py``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mcproxy.config import MetricsConfig
-from mcproxy.model import Address
-from mcproxy.supervisor.metrics import MetricsDirectory, MetricsEndpoint
+from mcproxy.config import Config, MetricsConfig
+from mcproxy.model import Address, ProxyState
+from mcproxy.supervisor.manager import Slot, Supervisor
+from mcproxy.supervisor.metrics import MetricsDirectory, MetricsEndpoint, start_metrics
+from mcproxy.supervisor.store import Store
 from mcproxy.worker.errors import Reason
 from tests.unit.metrics_children import LISTENER, ROUTES
+from tests.unit.test_manager import exits, give_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,28 +122,57 @@ def endpoint(directory: MetricsDirectory) -> Iterator[MetricsEndpoint]:
     served.close()
 
 
+@pytest.fixture
+def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Supervisor]:
+    """A supervisor with 2 slots and metrics on (no real workers: waitpid is patched)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = MetricsConfig(Address("127.0.0.1", 0), "/metrics")
+    config = Config(path="t.yaml", workers=2, database_path=str(tmp_path / "db"), metrics=metrics)
+    store = Store.open(config.database_path)
+    sup = Supervisor(config, store, ProxyState(generation=1))
+    sup.slots = [Slot(1, {}), Slot(2, {})]
+    yield sup
+    store.close()
+
+
 def test_fifty_respawns_leave_a_scrape_under_one_second(
-    directory: MetricsDirectory, endpoint: MetricsEndpoint
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """50 workers died and were reaped; 2 are live. The directory holds the live
+    """52 worker processes recorded connections; the supervisor reaped 50 of them, one
+    respawn at a time, through ``reap()``; 2 are live. The directory holds the live
     workers' files and one archive per type, and a scrape counts all 52."""
-    pids = spawn_children(Path(directory.path), 52)
-    for pid in pids[:50]:
-        directory.worker_exited(pid)
-    live = sorted(
-        f"{kind}_{pid}.db"
-        for pid in pids[50:]
-        for kind in ("counter", "gauge_livesum", "histogram")
-    )
-    assert sorted(os.listdir(directory.path)) == sorted(
-        ["counter_archive.db", "histogram_archive.db", *live]
-    )
-    started = time.monotonic()
-    with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    elapsed = time.monotonic() - started
+    endpoint = start_metrics(supervisor.config, supervisor)
+    assert endpoint is not None and supervisor.metrics_dir is not None
+    try:
+        directory = Path(supervisor.metrics_dir)
+        assert supervisor.worker_env["PROMETHEUS_MULTIPROC_DIR"] == str(directory)
+        pids = spawn_children(directory, 52)
+        slot = supervisor.slots[0]
+        for pid in pids[:50]:
+            give_worker(supervisor, slot, pid, age=60)
+            exits(monkeypatch, [(pid, 1)])
+            supervisor.reap()
+        for live, pid in zip(supervisor.slots, pids[50:], strict=True):
+            give_worker(supervisor, live, pid, age=60)
+        files = sorted(
+            f"{kind}_{pid}.db"
+            for pid in pids[50:]
+            for kind in ("counter", "gauge_livesum", "histogram")
+        )
+        assert sorted(os.listdir(directory)) == sorted(
+            ["counter_archive.db", "histogram_archive.db", *files]
+        )
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        elapsed = time.monotonic() - started
+    finally:
+        endpoint.close()
     assert elapsed < 1.0, f"scrape took {elapsed:.3f}s"
     samples = parse(text)
+    assert sample(samples, "mcproxy_worker_restarts_total") == 50
+    assert sample(samples, "mcproxy_workers") == 2
     workers = 52
     assert sample(samples, "mcproxy_connections_total", listener=LISTENER) == workers * (
         3 * ROUTES + len(Reason) + 1
