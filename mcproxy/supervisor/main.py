@@ -18,7 +18,7 @@ from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
 from mcproxy.model import ProxyState
 from mcproxy.supervisor.manager import Supervisor, enable_fault_dumps
-from mcproxy.supervisor.metrics import start_metrics
+from mcproxy.supervisor.metrics import MetricsError, start_metrics
 from mcproxy.supervisor.sockets import ListenError
 from mcproxy.supervisor.store import Store, StoreError
 from mcproxy.worker.geoip import GeoIP, GeoIPError
@@ -92,7 +92,7 @@ def serve(config: Config) -> int:
     try:
         supervisor.open_sockets()
         metrics = start_metrics(config, supervisor)
-    except ListenError as exc:
+    except (ListenError, MetricsError) as exc:
         log.error("%s", exc)
         return 1
     supervisor.create_shared_memory()

@@ -52,6 +52,7 @@ __all__ = [
     "ARCHIVE",
     "MetricsDirectory",
     "MetricsEndpoint",
+    "MetricsError",
     "SupervisorCollector",
     "directory_for",
     "start_metrics",
@@ -76,6 +77,10 @@ class _MmapWriter(Protocol):
 _merge: Callable[[list[str], bool], Iterable[Metric]] = MultiProcessCollector.merge
 _mark_process_dead: Callable[[int, str], None] = mark_process_dead
 _open_mmap: Callable[[str], _MmapWriter] = MmapedDict
+
+
+class MetricsError(Exception):
+    """The metrics directory cannot be prepared; the message names it and why."""
 
 
 def directory_for(config: Config) -> str:
@@ -192,6 +197,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 10.0
+    """A client that sends no request in this time is dropped instead of holding a thread."""
 
     def do_GET(self) -> None:
         self._respond(with_body=True)
@@ -267,11 +274,15 @@ class MetricsEndpoint:
 
 def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | None:
     """Wire metrics into the supervisor before any worker starts, or do nothing if the
-    config has no ``metrics:``. Raises ListenError when the address cannot be bound."""
+    config has no ``metrics:``. Raises ListenError when the address cannot be bound and
+    MetricsError when the directory cannot be prepared."""
     if config.metrics is None:
         return None
     directory = MetricsDirectory(directory_for(config))
-    directory.wipe()
+    try:
+        directory.wipe()
+    except OSError as exc:
+        raise MetricsError(f"cannot prepare the metrics directory {directory.path}: {exc}") from exc
     registry = CollectorRegistry()
     registry.register(directory)
     registry.register(SupervisorCollector(supervisor))

@@ -24,7 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from mcproxy.config import Config, MetricsConfig
 from mcproxy.model import Address, ProxyState
 from mcproxy.supervisor.manager import Slot, Supervisor
-from mcproxy.supervisor.metrics import MetricsDirectory, MetricsEndpoint, start_metrics
+from mcproxy.supervisor.metrics import (
+    MetricsDirectory,
+    MetricsEndpoint,
+    MetricsError,
+    start_metrics,
+)
 from mcproxy.supervisor.store import Store
 from mcproxy.worker.errors import Reason
 from tests.unit.metrics_children import LISTENER, ROUTES
@@ -209,3 +214,19 @@ def test_only_the_metrics_path_is_served(endpoint: MetricsEndpoint) -> None:
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert reply.read() == b""
+
+
+def test_the_operators_directory_wins_and_an_unusable_one_is_named(
+    supervisor: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = tmp_path / "run" / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(chosen))
+    endpoint = start_metrics(supervisor.config, supervisor)
+    assert endpoint is not None
+    endpoint.close()
+    assert supervisor.metrics_dir == str(chosen) and chosen.is_dir()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(blocked))
+    with pytest.raises(MetricsError, match=f"cannot prepare the metrics directory {blocked}"):
+        start_metrics(supervisor.config, supervisor)
