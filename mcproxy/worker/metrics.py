@@ -55,6 +55,12 @@ OUTCOMES = frozenset(
         "backend_reset",
         "error",
         "cancelled",
+        # L7 connections (mcproxy/worker/l7): the client side's own ends.
+        "tls_error",
+        "handshake_timeout",
+        "rapid_reset",
+        "protocol_error",
+        "backend_protocol_error",
     }
 )
 """How a connection that was not refused can end; anything else is counted as ``other``."""

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import CA
+from tests.e2e.h2backend import H2Backend
 from tests.e2e.harness import (
     ProxyProcess,
     TlsBackend,
@@ -32,24 +33,23 @@ from tests.e2e.harness import (
     socket_owner,
     wait_for,
 )
+from tests.e2e.test_l7 import curl, l7_route, status_and_body
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 class MetricsProxy:
-    """A proxy with metrics on, alpha/beta L4 routes, a route to a closed port, a firewall."""
+    """``mc-proxy serve`` with metrics on and one listener with ``routes``."""
 
-    def __init__(self, directory: Path, backends: dict[str, TlsBackend]) -> None:
+    def __init__(self, directory: Path, routes: list[dict[str, Any]], **extra: Any) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.listener = f"127.0.0.1:{self.port}"
-        routes = [{"hostname": name, "backend": b.addr} for name, b in backends.items()]
-        routes.append({"hostname": "dead.test", "backend": f"127.0.0.1:{free_port()}"})
         self.proc = ProxyProcess(
             directory,
             {
                 "metrics": {"addr": f"127.0.0.1:{self.metrics_port}", "path": "/metrics"},
-                "firewall": {"blocked_ips": ["127.0.0.3"], "blocked_cidrs": ["127.0.0.4/32"]},
                 "listeners": [{"addr": self.listener, "routes": routes}],
+                **extra,
             },
         )
         self.metrics_dir = directory / "mc-proxy.db-metrics"
@@ -93,7 +93,11 @@ class MetricsProxy:
 
 @pytest.fixture
 def proxy(tmp_path: Path, backends: dict[str, TlsBackend]) -> Any:
-    running = MetricsProxy(tmp_path, backends)
+    """L4 routes to alpha and beta, one to a closed port, and a firewall."""
+    routes = [{"hostname": name, "backend": b.addr} for name, b in backends.items()]
+    routes.append({"hostname": "dead.test", "backend": f"127.0.0.1:{free_port()}"})
+    firewall = {"blocked_ips": ["127.0.0.3"], "blocked_cidrs": ["127.0.0.4/32"]}
+    running = MetricsProxy(tmp_path, routes, firewall=firewall)
     with running.proc:
         yield running
 
@@ -281,3 +285,73 @@ def test_metrics_address_in_use_stops_the_start(
         assert proxy.process is not None
         assert proxy.process.wait(20) == 1
         assert f"cannot listen on 127.0.0.1:{taken}: Address already in use" in proxy.log()
+
+
+def test_l7_requests_codes_and_policy_blocks_are_exact(tmp_path: Path, ca: CA) -> None:
+    backend = H2Backend()
+    routes = [
+        l7_route(tmp_path, ca, "web.test", backend.addr),
+        l7_route(
+            tmp_path,
+            ca,
+            "policy.test",
+            backend.addr,
+            l7_policies=[
+                {"type": "block_user_agent", "value": "BadBot"},
+                {"type": "require_header", "value": "X-API-Key"},
+            ],
+        ),
+        l7_route(tmp_path, ca, "down.test", f"127.0.0.1:{free_port()}"),
+    ]
+    proxy = MetricsProxy(tmp_path, routes)
+    port, listener = proxy.port, proxy.listener
+    ca_file = ca.write(tmp_path)
+
+    def status(host: str, path: str, *args: str) -> int:
+        result = curl(port, ca_file, path, "-w", "\n%{http_code}", *args, host=host)
+        return status_and_body(result)[0]
+
+    try:
+        with proxy.proc:
+            calls = [
+                *[("web.test", "/status/200", "--http2")] * 3,
+                *[("web.test", "/status/404", "--http1.1")] * 2,
+                ("web.test", "/sink", "-d", "0123456789"),
+                *[("policy.test", "/", "-A", "BadBot/1.0", "-H", "X-API-Key: k")] * 2,
+                ("policy.test", "/", "-A", "curl"),
+                *[("down.test", "/", "--http2")] * 2,
+            ]
+            codes = [status(host, path, *args) for host, path, *args in calls]
+            assert codes == [200] * 3 + [404] * 2 + [200] + [403] * 3 + [502] * 2
+            samples = proxy.settled(accepted=len(calls), active=0)
+    finally:
+        backend.close()
+
+    def value(name: str, **labels: str) -> float | None:
+        return proxy.value(samples, name, listener=listener, **labels)
+
+    requests = {
+        (labels["route"], labels["method"], labels["code"]): v
+        for (name, key), v in samples.items()
+        if name == "mcproxy_http_requests_total"
+        for labels in [dict(key)]
+    }
+    assert requests == {
+        ("web.test", "GET", "200"): 3,
+        ("web.test", "GET", "404"): 2,
+        ("web.test", "POST", "200"): 1,
+        ("policy.test", "GET", "403"): 3,
+        ("down.test", "GET", "502"): 2,
+    }
+    blocks = "mcproxy_http_policy_blocks_total"
+    assert value(blocks, route="policy.test", policy="block_user_agent") == 2
+    assert value(blocks, route="policy.test", policy="require_header") == 1
+    assert value(blocks, route="web.test", policy="block_user_agent") is None
+    duration = "mcproxy_http_request_duration_seconds_count"
+    assert [value(duration, route=r) for r in ("web.test", "policy.test", "down.test")] == [6, 3, 2]
+    ended = sum(
+        v
+        for (name, key), v in samples.items()
+        if name == "mcproxy_connections_finished_total" and ("mode", "l7") in key
+    )
+    assert ended == len(calls)
