@@ -62,6 +62,8 @@ def _child() -> None:
         metrics.request_finished(request)
     held = ConnectionRecord(LISTENER, ("192.0.2.1", 1), ("127.0.0.1", 8443))
     metrics.connection_started(held)  # still open when the process ends
+    metrics.set_active({LISTENER: 1})
+    metrics.flush()
 
 
 def main() -> None:

@@ -38,6 +38,8 @@ def exported() -> dict[str, set[str]]:
         metrics.connection_started(record)
         metrics.connection_finished(record)
     metrics.request_finished(RequestRecord("l", "w.test", "GET", 403, 0.1, blocked_by="x"))
+    metrics.set_active({"l": 1})
+    metrics.flush()
     worker = SimpleNamespace(generation=1)
     supervisor: Any = SimpleNamespace(
         state=ProxyState(), slots=[SimpleNamespace(index=1, worker=worker)], worker_restarts=0

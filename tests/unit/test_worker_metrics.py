@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry
 
 from mcproxy.model import Address, Mode, Route
-from mcproxy.worker.metrics import WorkerMetrics, method_class, outcome_label
+from mcproxy.worker.metrics import FLUSH_INTERVAL, WorkerMetrics, method_class, outcome_label
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
 LISTENER = "127.0.0.1:8443"
@@ -43,21 +47,37 @@ def connection(
 def run(metrics: WorkerMetrics, record: ConnectionRecord) -> None:
     metrics.connection_started(record)
     metrics.connection_finished(record)
+    metrics.flush()
 
 
-def test_accepted_and_active_follow_the_connection(
+def test_nothing_is_counted_until_the_flush(
     metrics: WorkerMetrics, registry: CollectorRegistry
 ) -> None:
-    first, second = connection("closed", ALPHA), connection("closed", ALPHA)
-    metrics.connection_started(first)
-    metrics.connection_started(second)
+    record = connection("closed", ALPHA, bytes_up=1)
+    metrics.connection_started(record)
+    metrics.connection_finished(record)
+    metrics.connection_started(connection("closed", ALPHA))
+    assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 0
+    metrics.flush()
     assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 2
+    finished = "mcproxy_connections_finished_total"
+    assert value(registry, finished, listener=LISTENER, mode="l4", outcome="closed") == 1
+    metrics.flush()  # nothing is counted twice
+    assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 2
+
+
+def test_active_shows_the_servers_count_and_zero_once_seen(
+    metrics: WorkerMetrics, registry: CollectorRegistry
+) -> None:
+    metrics.set_active({LISTENER: 2, "[::1]:443": 1})
     assert value(registry, "mcproxy_connections_active", listener=LISTENER) == 2
-    metrics.connection_finished(first)
-    assert value(registry, "mcproxy_connections_active", listener=LISTENER) == 1
-    metrics.connection_finished(second)
-    assert value(registry, "mcproxy_connections_active", listener=LISTENER) == 0
-    assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 2
+    metrics.set_active({"[::1]:443": 3})
+    assert registry.get_sample_value("mcproxy_connections_active", {"listener": LISTENER}) == 0
+    assert value(registry, "mcproxy_connections_active", listener="[::1]:443") == 3
+    metrics.set_active({}, seen=["10.0.0.1:443"])
+    assert (
+        registry.get_sample_value("mcproxy_connections_active", {"listener": "10.0.0.1:443"}) == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,6 +179,7 @@ def test_requests_count_by_route_method_class_and_code(
     metrics.request_finished(request())
     metrics.request_finished(request(method="POST", status=502, duration=2.0))
     metrics.request_finished(request(method="PROPFIND", status=207))
+    metrics.flush()
     route = {"listener": LISTENER, "route": "web.test"}
     total = "mcproxy_http_requests_total"
     assert value(registry, total, method="GET", code="200", **route) == 1
@@ -178,11 +199,41 @@ def test_policy_block_counts_per_policy_type(
     metrics.request_finished(request(status=403, blocked_by="require_header"))
     metrics.request_finished(request(status=403, blocked_by="require_header"))
     metrics.request_finished(request(status=403))  # the backend's own 403 is not a block
+    metrics.flush()
     route = {"listener": LISTENER, "route": "web.test"}
     blocks = "mcproxy_http_policy_blocks_total"
     assert value(registry, blocks, policy="block_user_agent", **route) == 1
     assert value(registry, blocks, policy="require_header", **route) == 2
     assert value(registry, "mcproxy_http_requests_total", method="GET", code="403", **route) == 4
+
+
+def test_installed_metrics_flush_on_a_timer_with_the_servers_active_count(
+    registry: CollectorRegistry,
+) -> None:
+    async def scenario() -> None:
+        server: Any = SimpleNamespace(
+            loop=asyncio.get_running_loop(),
+            on_started=[],
+            on_finished=[],
+            on_request=[],
+            active_by_listener={LISTENER: 1},
+        )
+        WorkerMetrics(registry).install(server)
+        record = connection("closed", ALPHA)
+        for callback in server.on_started:
+            callback(record)
+        await asyncio.sleep(FLUSH_INTERVAL * 3)
+        assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 1
+        assert value(registry, "mcproxy_connections_active", listener=LISTENER) == 1
+        server.active_by_listener = {}
+        for callback in server.on_finished:
+            callback(record)
+        await asyncio.sleep(FLUSH_INTERVAL * 3)
+        finished = "mcproxy_connections_finished_total"
+        assert value(registry, finished, listener=LISTENER, mode="l4", outcome="closed") == 1
+        assert registry.get_sample_value("mcproxy_connections_active", {"listener": LISTENER}) == 0
+
+    asyncio.run(scenario())
 
 
 def test_method_class() -> None:
