@@ -219,7 +219,7 @@ class WorkerMetrics:
         server.on_started.append(self.connection_started)
         server.on_finished.append(self.connection_finished)
         server.on_request.append(self.request_finished)
-        atexit.register(self.flush)
+        atexit.register(self._flush_at_exit)
 
     # --- noting (per connection, per request) -----------------------------------------
 
@@ -263,6 +263,11 @@ class WorkerMetrics:
                 # Connections end after their records are noted: look again until the
                 # gauge shows them gone, or it would stay stale in a quiet worker.
                 self._flush_soon()
+
+    def _flush_at_exit(self) -> None:
+        """The last flush, once the event loop is gone: no timer to cancel or arm."""
+        self._loop, self._flush_at = None, None
+        self.flush()
 
     def set_active(self, counts: Mapping[str, int], seen: Iterable[str] = ()) -> None:
         """Show this worker's open connections per listener: 0 for a listener that has

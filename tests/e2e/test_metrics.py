@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mcproxy.supervisor.metrics import MetricsDirectory
 from tests.certs import CA
 from tests.e2e.h2backend import H2Backend
 from tests.e2e.harness import (
@@ -355,3 +356,22 @@ def test_l7_requests_codes_and_policy_blocks_are_exact(tmp_path: Path, ca: CA) -
         if name == "mcproxy_connections_finished_total" and ("mode", "l7") in key
     )
     assert ended == len(calls)
+
+
+def test_workers_that_stop_flush_what_they_noted(proxy: MetricsProxy, ca: CA) -> None:
+    """Counts are written in batches; a worker that exits writes its last batch first."""
+    for _ in range(6):
+        assert proxy.ask_name("alpha.test", ca) == "alpha.test"
+    assert proxy.proc.stop() == 0  # at once: the last batches are still in the workers
+    assert "Traceback" not in proxy.proc.log()
+    # Every worker is gone and folded into the archives, which hold all the counts.
+    assert sorted(os.listdir(proxy.metrics_dir)) == ["counter_archive.db", "histogram_archive.db"]
+    totals = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in MetricsDirectory(str(proxy.metrics_dir)).collect()
+        for s in family.samples
+    }
+    listener = proxy.listener
+    assert totals[("mcproxy_connections_total", frozenset({("listener", listener)}))] == 6
+    route = frozenset({("listener", listener), ("route", "alpha.test")})
+    assert totals[("mcproxy_backend_dial_seconds_count", route)] == 6
