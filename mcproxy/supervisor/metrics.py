@@ -152,7 +152,11 @@ class MetricsDirectory:
 
 class SupervisorCollector:
     """What the supervisor knows itself; read from its loop's objects without locking
-    (each value is one attribute read, and a scrape may be a loop turn behind)."""
+    (each value is one attribute read, and a scrape may be a loop turn behind).
+
+    Open connections per listener are the workers' ``livesum`` gauge, not the
+    shared-memory counters: those count admitted connections only, the gauge
+    counts every accepted one, refused-to-be ones included while they last."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -182,6 +186,14 @@ class SupervisorCollector:
                 per_worker.add_metric([str(slot.index)], worker.generation)
         yield per_worker
         yield GaugeMetricFamily("mcproxy_workers", "Worker processes alive.", value=running)
+        limit = GaugeMetricFamily(
+            "mcproxy_listener_max_connections",
+            "A listener's connection limit across all workers; 0 is unlimited.",
+            labels=["listener"],
+        )
+        for address, listener in sup.state.listeners.items():
+            limit.add_metric([address], listener.max_connections)
+        yield limit
         yield CounterMetricFamily(
             "mcproxy_worker_restarts",
             "Workers that died and were replaced since the supervisor started.",

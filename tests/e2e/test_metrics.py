@@ -175,6 +175,7 @@ def test_counts_across_two_workers_are_exact(proxy: MetricsProxy, ca: CA) -> Non
     assert pids == {f"{pid}.db" for pid in proxy.proc.worker_pids()}
     assert value("mcproxy_workers") == 2
     assert value("mcproxy_worker_restarts_total") == 0
+    assert value("mcproxy_listener_max_connections", listener=listener) == 0
     generation = value("mcproxy_config_generation")
     for slot in ("1", "2"):
         assert value("mcproxy_worker_config_generation", slot=slot) == generation

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from mcproxy.model import Address, ProxyState, Route
+from mcproxy.model import Address, FirewallRules, Listener, Route, make_state
 from mcproxy.supervisor.metrics import SupervisorCollector
 from mcproxy.worker.metrics import WorkerMetrics
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
@@ -42,7 +42,11 @@ def exported() -> dict[str, set[str]]:
     metrics.flush()
     worker = SimpleNamespace(generation=1)
     supervisor: Any = SimpleNamespace(
-        state=ProxyState(), slots=[SimpleNamespace(index=1, worker=worker)], worker_restarts=0
+        state=make_state(
+            1, [Listener(Address("127.0.0.1", 443), max_connections=5)], FirewallRules()
+        ),
+        slots=[SimpleNamespace(index=1, worker=worker)],
+        worker_restarts=0,
     )
     registry.register(SupervisorCollector(supervisor))
     names: dict[str, set[str]] = {}

@@ -178,6 +178,7 @@ def test_fifty_respawns_leave_a_scrape_under_one_second(
     samples = parse(text)
     assert sample(samples, "mcproxy_worker_restarts_total") == 50
     assert sample(samples, "mcproxy_workers") == 2
+    assert [name for name, _ in samples if name == "mcproxy_listener_max_connections"] == []
     workers = 52
     assert sample(samples, "mcproxy_connections_total", listener=LISTENER) == workers * (
         3 * ROUTES + len(Reason) + 1
