@@ -19,6 +19,7 @@ difference that is not noise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,8 @@ class Options:
     workers: int
     seconds: float
     clients: int
+    metrics_dir: str | None = None
+    """PROMETHEUS_MULTIPROC_DIR for the proxy (default: beside its database)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,20 @@ def wrk(port: int, seconds: float, connections: int) -> tuple[int, int]:
     return int(match.group(1)), sum(map(int, errors.groups())) if errors else 0
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (or unset) for the block."""
+    saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
+
+
 def one_run(directory: Path, backend_port: int, metrics: bool, opts: Options) -> Run:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
@@ -136,7 +154,11 @@ def one_run(directory: Path, backend_port: int, metrics: bool, opts: Options) ->
     metrics_port = free_port()
     if metrics:
         config["metrics"] = {"addr": f"127.0.0.1:{metrics_port}"}
-    with ProxyProcess(directory, config, workers=opts.workers) as proxy:
+    proxy = ProxyProcess(directory, config, workers=opts.workers)
+    env_dir = opts.metrics_dir if metrics else None
+    with _environment("PROMETHEUS_MULTIPROC_DIR", env_dir):  # the proxy inherits it
+        proxy.start()
+    try:
         wrk(port, 1, opts.clients)  # warm-up: imports, first handshakes
         cpu = proxy_cpu_seconds(proxy)
         started = time.monotonic()
@@ -153,6 +175,8 @@ def one_run(directory: Path, backend_port: int, metrics: bool, opts: Options) ->
                 return found is not None and float(found.group(1)) >= done
 
             wait_for(counted, 10, "the scrape to count the run's connections")
+    finally:
+        proxy.stop()
     return Run(metrics, done, elapsed, cpu, errors)
 
 
@@ -199,12 +223,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--clients", type=int, default=8, help="concurrent wrk connections")
+    parser.add_argument(
+        "--metrics-dir", help="the workers' metric files here (e.g. on /dev/shm), not on disk"
+    )
     parser.add_argument("--record-cost", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.record_cost:
         print(record_cost())
         return 0
-    opts = Options(args.workers, args.seconds, args.clients)
+    opts = Options(args.workers, args.seconds, args.clients, args.metrics_dir)
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install {tool})", file=sys.stderr)
