@@ -18,6 +18,7 @@ from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
 from mcproxy.model import ProxyState
 from mcproxy.supervisor.manager import Supervisor, enable_fault_dumps
+from mcproxy.supervisor.metrics import MetricsError, start_metrics
 from mcproxy.supervisor.sockets import ListenError
 from mcproxy.supervisor.store import Store, StoreError
 from mcproxy.worker.geoip import GeoIP, GeoIPError
@@ -90,7 +91,8 @@ def serve(config: Config) -> int:
     supervisor = Supervisor(config, store, state)
     try:
         supervisor.open_sockets()
-    except ListenError as exc:
+        metrics = start_metrics(config, supervisor)
+    except (ListenError, MetricsError) as exc:
         log.error("%s", exc)
         return 1
     supervisor.create_shared_memory()
@@ -111,4 +113,6 @@ def serve(config: Config) -> int:
         return supervisor.run()
     finally:
         admin.stop()
+        if metrics is not None:
+            metrics.close()
         store.close()

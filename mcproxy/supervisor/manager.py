@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import mcproxy
@@ -132,6 +132,9 @@ class Supervisor:
         """The worker table as of the last loop turn; replaced whole, read by API threads."""
         self.shared: limits.SharedMemory | None = None
         """Connection counters and rate table shared with the workers (invariant 4)."""
+        self.metrics_dir: str | None = None
+        self.on_worker_exit: list[Callable[[int], None]] = []
+        """Called with the pid of each worker that is gone for good (metrics bookkeeping)."""
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -247,6 +250,7 @@ class Supervisor:
             rate_limit=self.config.firewall.rate_limit,
             rate_window=self.config.firewall.rate_window,
             shm_fd=shm_fd,
+            metrics_dir=self.metrics_dir,
         )
         self._send(worker, boot)
         self._send(worker, pipe.Snapshot(self.state))
@@ -351,6 +355,8 @@ class Supervisor:
         for pending in self.pending:
             pending.waiting.discard(worker.pid)
         self._settle_pending()
+        for callback in self.on_worker_exit:
+            callback(worker.pid)
 
     def _release_connections(self, slot: Slot) -> None:
         """A dead worker's connections are gone with it: free their counts before a

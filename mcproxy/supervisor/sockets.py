@@ -22,8 +22,13 @@ class ListenError(Exception):
     """A listener cannot be bound; the message names the address and the reason."""
 
 
-def open_listening_socket(addr: Address, backlog: int = BACKLOG) -> socket.socket:
-    """Bind one SO_REUSEPORT member for ``addr``; ``:port`` is dual-stack when IPv6 exists."""
+def open_listening_socket(
+    addr: Address, backlog: int = BACKLOG, reuse_port: bool = True
+) -> socket.socket:
+    """Bind one SO_REUSEPORT member for ``addr``; ``:port`` is dual-stack when IPv6 exists.
+
+    ``reuse_port=False`` is for a socket that must be the only one on its port
+    (the metrics endpoint)."""
     if addr.host:
         try:
             infos = socket.getaddrinfo(
@@ -32,16 +37,25 @@ def open_listening_socket(addr: Address, backlog: int = BACKLOG) -> socket.socke
         except socket.gaierror as exc:
             raise ListenError(f"cannot listen on {addr}: {exc}") from exc
         family, _, _, _, sockaddr = infos[0]
-        return _bind(addr, family, (str(sockaddr[0]), int(sockaddr[1])), backlog)
+        return _bind(
+            addr, family, (str(sockaddr[0]), int(sockaddr[1])), backlog, reuse_port=reuse_port
+        )
     try:
-        return _bind(addr, socket.AF_INET6, ("::", addr.port), backlog, dual_stack=True)
+        return _bind(
+            addr,
+            socket.AF_INET6,
+            ("::", addr.port),
+            backlog,
+            reuse_port=reuse_port,
+            dual_stack=True,
+        )
     except ListenError as exc:
         if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno not in (
             errno.EAFNOSUPPORT,
             errno.EADDRNOTAVAIL,
         ):
             raise
-        return _bind(addr, socket.AF_INET, ("0.0.0.0", addr.port), backlog)
+        return _bind(addr, socket.AF_INET, ("0.0.0.0", addr.port), backlog, reuse_port=reuse_port)
 
 
 def _bind(
@@ -49,12 +63,15 @@ def _bind(
     family: socket.AddressFamily,
     sockaddr: tuple[str, int],
     backlog: int,
+    *,
+    reuse_port: bool,
     dual_stack: bool = False,
 ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)

@@ -90,6 +90,8 @@ class ConnectionServer:
         self.connections: set[asyncio.Task[None]] = set()
         self.active_by_listener: collections.Counter[str] = collections.Counter()
         """Open connections per listener address, reported in heartbeats."""
+        self.on_started: list[Callable[[ConnectionRecord], None]] = []
+        """Called once per accepted connection, before anything is read (metrics)."""
         self.on_finished: list[Callable[[ConnectionRecord], None]] = []
         """Called once per connection when it ends (access log, metrics)."""
         self.on_request: list[Callable[[RequestRecord], None]] = []
@@ -155,6 +157,8 @@ class ConnectionServer:
 
     async def _serve(self, sock: socket.socket, peer: tuple[str, int], addr: str) -> None:
         record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
+        for callback in self.on_started:
+            callback(record)
         admitted: Listener | None = None
         try:
             listener = self.state.listeners.get(addr)

@@ -134,6 +134,11 @@ class Worker:
             asyncio.get_running_loop(), boot.timeouts, admission, country_of
         )
         L7Proxy(self.server).install()
+        if boot.metrics_dir is not None:
+            from mcproxy.worker.metrics import WorkerMetrics, require_multiprocess_mode
+
+            require_multiprocess_mode(boot.metrics_dir)
+            WorkerMetrics().install(self.server)
 
     def _start_serving(self) -> None:
         assert self.boot is not None and self.server is not None

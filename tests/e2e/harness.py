@@ -37,6 +37,7 @@ __all__ = [
     "is_reset",
     "mcproxyctl",
     "pattern",
+    "socket_owner",
     "wait_for",
 ]
 
@@ -100,6 +101,30 @@ def mcproxyctl(
         timeout=60,
         check=False,
     )
+
+
+def socket_owner(client: socket.socket, pids: list[int]) -> int:
+    """The worker pid holding the proxy side of ``client``'s TCP connection."""
+    local_port = client.getsockname()[1]
+    proxy_port = client.getpeername()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (
+            int(local.split(":")[1], 16) == proxy_port
+            and int(remote.split(":")[1], 16) == local_port
+        ):
+            inode = fields[9]
+    assert inode is not None
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the connection")
 
 
 class TlsBackend:

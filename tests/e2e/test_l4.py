@@ -23,6 +23,7 @@ from tests.e2e.harness import (
     free_port,
     is_reset,
     pattern,
+    socket_owner,
     wait_for,
 )
 
@@ -211,30 +212,6 @@ def test_process_titles(proxy: Any) -> None:
     ]
 
 
-def _socket_owner(client: socket.socket, pids: list[int]) -> int:
-    """The worker pid holding the proxy side of ``client``'s TCP connection."""
-    local_port = client.getsockname()[1]
-    proxy_port = client.getpeername()[1]
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = fields[1], fields[2]
-        if (
-            int(local.split(":")[1], 16) == proxy_port
-            and int(remote.split(":")[1], 16) == local_port
-        ):
-            inode = fields[9]
-    assert inode is not None
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                continue
-    raise AssertionError("no worker holds the connection")
-
-
 def test_killed_worker_is_replaced_and_its_queue_is_served(proxy: Any, ca: CA) -> None:
     pids = proxy.worker_pids()
     assert len(pids) == 2
@@ -245,7 +222,7 @@ def test_killed_worker_is_replaced_and_its_queue_is_served(proxy: Any, ca: CA) -
         tls.sendall(b"ECHO\n")
         tls.sendall(b"x")
         assert tls.recv(1) == b"x"
-        held.setdefault(_socket_owner(tls, pids), []).append(tls)
+        held.setdefault(socket_owner(tls, pids), []).append(tls)
         if len(held) == 2:
             break
     assert len(held) == 2, "SO_REUSEPORT put every connection on one worker"
