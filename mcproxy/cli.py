@@ -1,9 +1,12 @@
+# PYTHON_ARGCOMPLETE_OK  (shell completion: docs/operations.md, "Shell completion")
 """The ``mc-proxy`` command: serve, check, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import argcomplete
 
 from mcproxy import __version__
 from mcproxy.config import ConfigError, load_config
@@ -51,28 +54,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mc-proxy",
         description="TLS ingress proxy: SNI routing to L4 passthrough or L7 HTTP/2 backends.",
+        epilog="Routes, firewall rules and limits change at runtime with mcproxyctl."
+        " Operations guide: docs/operations.md.",
     )
     parser.add_argument("--version", action="version", version=f"mc-proxy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the proxy in the foreground")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy in the foreground",
+        description="Run the proxy in the foreground, logging to stderr. The YAML seeds an"
+        " empty database only; after that, routes and firewall rules come from the database."
+        " SIGTERM or SIGINT: stop accepting, drain open connections up to"
+        " proxy.shutdown_timeout, exit 0 (a second SIGINT stops without waiting).",
+    )
     serve.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
-    check = commands.add_parser("check", help="validate a configuration and print every problem")
+    check = commands.add_parser(
+        "check",
+        help="validate a configuration and print every problem",
+        description="Validate a configuration as serve would read it, including the"
+        " certificate files and the GeoIP database it names. Prints 'FILE: OK' and exits 0,"
+        " or prints every problem as 'FILE: field.path: reason' and exits 1.",
+    )
     check.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
     demo = commands.add_parser(
-        "demo", help="start a throwaway proxy with demo backends on loopback"
+        "demo",
+        help="start a throwaway proxy with demo backends and print commands to try",
+        description="Generate a throwaway CA and certificates, start demo backends (two TLS"
+        " servers for L4 routes, an h2c server and a gRPC server for L7 routes), run"
+        " mc-proxy serve on port 8443 (or a free one) and print curl, grpcurl and mcproxyctl"
+        " commands to try. Ctrl-C or SIGTERM stops everything.",
     )
-    demo.add_argument("--dir", metavar="DIR", help="where to put certs, config and database")
+    demo.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where to put certs, config and database (default: a new temp dir)",
+    )
     demo.add_argument(
         "--listen",
         default="127.0.0.1",
         metavar="HOST",
-        help="address of the demo listener (0.0.0.0 inside a container)",
+        help="address of the demo listener (default: 127.0.0.1; 0.0.0.0 inside a container)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argcomplete.autocomplete(parser)  # returns at once unless the shell asks for completions
+    args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "check":

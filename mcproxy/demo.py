@@ -3,8 +3,11 @@
 It makes a throwaway CA and certificates, starts small backends in this
 process (two TLS web servers for L4 passthrough, an h2c web server and a gRPC
 server for L7), writes a config that routes four hostnames to them, runs the
-real ``mc-proxy serve`` as a child process and prints commands to try.
-Ctrl-C (or SIGTERM) stops everything.
+real ``mc-proxy serve`` as a child process and prints commands to try, in the
+order of the README's tour: each kind of route, a route added at runtime (its
+certificate is made here too), an address blocked and unblocked, the metrics.
+``tests/e2e/test_demo.py`` runs them as printed. Ctrl-C (or SIGTERM) stops
+everything.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import http.server
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -38,6 +42,8 @@ __all__ = ["run_demo"]
 L4_HOSTNAMES = ("alpha.demo.test", "beta.demo.test")
 WEB_HOSTNAME = "web.demo.test"
 GRPC_HOSTNAME = "grpc.demo.test"
+NEW_HOSTNAME = "gamma.demo.test"
+"""Has a certificate but no route: the printed commands add one at runtime."""
 DEMO_PORT = 8443
 METRICS_PORT = 9090
 
@@ -159,10 +165,11 @@ def run_demo(directory: str | None, listen_host: str = "127.0.0.1") -> int:
         port = _start_tls_backend(name.split(".")[0], cert, key)
         routes.append({"hostname": name, "backend": f"127.0.0.1:{port}", "mode": "l4"})
     web_cert, web_key = issue(ca, WEB_HOSTNAME, root)
+    h2c_backend = f"127.0.0.1:{_start_h2c_backend()}"
     routes.append(
         {
             "hostname": WEB_HOSTNAME,
-            "backend": f"127.0.0.1:{_start_h2c_backend()}",
+            "backend": h2c_backend,
             "mode": "l7",
             "tls_cert": str(web_cert),
             "tls_key": str(web_key),
@@ -180,6 +187,7 @@ def run_demo(directory: str | None, listen_host: str = "127.0.0.1") -> int:
             "tls_key": str(grpc_key),
         }
     )
+    new_cert, new_key = issue(ca, NEW_HOSTNAME, root)
     listen_port = _pick_port(listen_host, DEMO_PORT)
     metrics_port = _pick_port("127.0.0.1", METRICS_PORT)
     socket_path = root / "admin.sock"
@@ -198,6 +206,9 @@ def run_demo(directory: str | None, listen_host: str = "127.0.0.1") -> int:
 
     p = listen_port
     alpha, beta = L4_HOSTNAMES
+    cacert = f"--cacert {ca_path}"
+    ctl = shutil.which("mcproxyctl", path=os.path.dirname(sys.executable)) or "mcproxyctl"
+    listener = f"{listen_host}:{p}"
     print(
         f"""
 mc-proxy demo: everything lives in {root}
@@ -205,24 +216,30 @@ mc-proxy demo: everything lives in {root}
 
 Try, in another terminal:
   # L4: TLS passed through to each hostname's own backend
-  curl --cacert {ca_path} --resolve {alpha}:{p}:127.0.0.1 https://{alpha}:{p}/
-  curl --cacert {ca_path} --resolve {beta}:{p}:127.0.0.1 https://{beta}:{p}/
+  curl {cacert} --resolve {alpha}:{p}:127.0.0.1 https://{alpha}:{p}/
+  curl {cacert} --resolve {beta}:{p}:127.0.0.1 https://{beta}:{p}/
   # L7: TLS ends at mc-proxy, HTTP/2 or HTTP/1.1 goes on to an h2c backend
-  curl --http2 --cacert {ca_path} --resolve {WEB_HOSTNAME}:{p}:127.0.0.1 https://{WEB_HOSTNAME}:{p}/hi
-  curl --http1.1 -A BadBot -s -o /dev/null -w '%{{http_code}}\\n' --cacert {ca_path} \\
+  curl --http2 {cacert} --resolve {WEB_HOSTNAME}:{p}:127.0.0.1 https://{WEB_HOSTNAME}:{p}/hi
+  curl --http1.1 -A BadBot -s -o /dev/null -w '%{{http_code}}\\n' {cacert} \\
        --resolve {WEB_HOSTNAME}:{p}:127.0.0.1 https://{WEB_HOSTNAME}:{p}/   # 403: a route policy
   # gRPC through an L7 route (grpcurl, if you have it)
   grpcurl -cacert {ca_path} -authority {GRPC_HOSTNAME} -servername {GRPC_HOSTNAME} \\
        127.0.0.1:{p} grpc.health.v1.Health/Check
   # an unknown hostname is reset without a byte
-  curl -k --resolve unknown.test:{p}:127.0.0.1 https://unknown.test:{p}/
-  # the admin API and the metrics
+  curl -k --resolve {NEW_HOSTNAME}:{p}:127.0.0.1 https://{NEW_HOSTNAME}:{p}/
+  # the admin API: add a route, and it is live on every worker when the command returns
   export MCPROXY_SOCKET={socket_path}
-  mcproxyctl status
-  mcproxyctl routes list
-  mcproxyctl routes add --listener {listen_host}:{p} --hostname gamma.demo.test \\
-       --backend 127.0.0.1:1 --mode l4
-  curl -s http://127.0.0.1:{metrics_port}/metrics | grep '^mcproxy_'
+  {ctl} status
+  {ctl} routes add --listener {listener} --hostname {NEW_HOSTNAME} \\
+       --backend {h2c_backend} --mode l7 --tls-cert {new_cert} --tls-key {new_key}
+  curl {cacert} --resolve {NEW_HOSTNAME}:{p}:127.0.0.1 https://{NEW_HOSTNAME}:{p}/new
+  {ctl} routes list
+  # block an address (here, yourself): new connections are reset; then unblock it
+  {ctl} firewall add --type ip --value 127.0.0.1
+  curl {cacert} --resolve {alpha}:{p}:127.0.0.1 https://{alpha}:{p}/
+  {ctl} firewall remove --type ip --value 127.0.0.1
+  # the metrics, merged across the workers
+  curl -s http://127.0.0.1:{metrics_port}/metrics | grep '^mcproxy_connections'
 
 Ctrl-C stops the proxy and the backends.
 """,

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (shell completion: docs/operations.md, "Shell completion")
 """``mcproxyctl``: the admin API from a shell.
 
     mcproxyctl [--socket PATH] [--json] COMMAND
@@ -20,8 +21,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import argcomplete
+from argcomplete.completers import ChoicesCompleter
+
 from mcproxy import __version__
-from mcproxy.admin.client import AdminClient, AdminError, ListedRoute, default_socket
+from mcproxy.admin.client import (
+    DEFAULT_SOCKET,
+    AdminClient,
+    AdminError,
+    ListedRoute,
+    default_socket,
+)
 from mcproxy.model import FirewallRuleKind, FirewallRules, L7Policy, Route
 from mcproxy.supervisor.status import Status
 
@@ -269,93 +279,216 @@ def _done(args: argparse.Namespace, what: str, generation: int) -> object:
 # --- arguments ------------------------------------------------------------------------
 
 
+_EPILOG = """\
+Every change is committed to the database and live on every worker when the
+command returns. Errors go to stderr as CODE: message (with --json, as a JSON
+document) and exit with status 1. The socket is mode 0600: run as root or as
+the user mc-proxy runs as. Operations guide: docs/operations.md.
+"""
+
+
+def _complete(action: argparse.Action, *choices: str) -> None:
+    """Offer ``choices`` to shell completion; the server still judges what is typed."""
+    action.completer = ChoicesCompleter(dict.fromkeys(choices, ""))  # type: ignore[attr-defined]
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --socket and --json are accepted before or after the command; SUPPRESS keeps a
     # subcommand's default from overwriting a value given before it.
+    socket_help = f"admin socket (default: $MCPROXY_SOCKET, then {DEFAULT_SOCKET})"
+    json_help = "print machine-readable JSON"
     common = _Parser(add_help=False)
-    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=socket_help)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     parser = _Parser(
         prog="mcproxyctl",
         description="Change and inspect a running mc-proxy through its admin socket.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        default=None,
-        help="admin socket (default: $MCPROXY_SOCKET, then /srv/mc-proxy/admin.sock)",
-    )
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--socket", metavar="PATH", default=None, help=socket_help)
+    parser.add_argument("--json", action="store_true", help=json_help)
     parser.add_argument("--version", action="version", version=f"mcproxyctl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
+
+    def group(name: str, help: str) -> argparse._SubParsersAction[_Parser]:
+        sub = commands.add_parser(name, help=help, description=help)
+        return sub.add_subparsers(
+            dest="action", required=True, parser_class=_Parser, metavar="ACTION"
+        )
 
     def command(
-        group: argparse._SubParsersAction[_Parser], name: str, handler: Handler, help: str
+        group: argparse._SubParsersAction[_Parser],
+        name: str,
+        handler: Handler,
+        help: str,
+        description: str = "",
     ) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, parents=[common], help=help, description=help)
+        sub = group.add_parser(name, parents=[common], help=help, description=description or help)
         sub.set_defaults(handler=handler)
         return sub
 
+    def listener(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--listener",
+            required=True,
+            metavar="ADDR",
+            help="the listener's address as configured: :443, 10.0.0.1:443, [::1]:443",
+        )
+
     def listener_and_hostname(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--listener", required=True, metavar="ADDR", help="e.g. :443")
-        sub.add_argument("--hostname", required=True, metavar="H")
+        listener(sub)
+        sub.add_argument("--hostname", required=True, metavar="H", help="the route's SNI hostname")
 
-    command(commands, "status", cmd_status, "version, uptime, workers and listeners")
-
-    routes = commands.add_parser("routes", help="SNI routes").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    command(
+        commands,
+        "status",
+        cmd_status,
+        "version, uptime, workers and listeners",
+        "Version, uptime and configuration generation; each worker (pid, generation it"
+        " runs, open connections); each listener (routes, open connections across all"
+        " workers, max_connections, proxy_protocol).",
     )
+
+    routes = group("routes", "SNI routes: hostname -> backend, L4 or L7")
     sub = command(routes, "list", cmd_routes_list, "list routes")
     sub.add_argument("--listener", metavar="ADDR", help="only this listener")
-    sub = command(routes, "add", cmd_routes_add, "add a route")
-    listener_and_hostname(sub)
-    sub.add_argument("--backend", required=True, metavar="HOST:PORT")
-    sub.add_argument("--mode", default="l4", metavar="l4|l7", help="default: l4")
-    sub.add_argument("--tls-cert", metavar="F", help="l7: certificate chain (PEM)")
-    sub.add_argument("--tls-key", metavar="F", help="l7: private key (PEM)")
-    sub.add_argument("--backend-tls", action="store_true", help="l7: TLS to the backend")
+    sub = command(
+        routes,
+        "add",
+        cmd_routes_add,
+        "add a route",
+        "Add a route for one SNI hostname on a listener. l4 passes the client's TLS through"
+        " to the backend untouched; l7 terminates TLS with --tls-cert/--tls-key and proxies"
+        " HTTP/2 and HTTP/1.1 (gRPC included) to an HTTP/2 backend. Replacing a route means"
+        " remove, then add.",
+    )
+    listener(sub)
     sub.add_argument(
-        "--send-proxy-protocol", action="store_true", help="send a PROXY v2 header to the backend"
+        "--hostname",
+        required=True,
+        metavar="H",
+        help="SNI hostname, exact and case-insensitive (no wildcards)",
     )
-    listener_and_hostname(command(routes, "remove", cmd_routes_remove, "remove a route"))
+    sub.add_argument(
+        "--backend",
+        required=True,
+        metavar="HOST:PORT",
+        help="where to connect: IP or DNS name, and port; [v6]:port for IPv6",
+    )
+    _complete(
+        sub.add_argument("--mode", default="l4", metavar="l4|l7", help="default: l4"), "l4", "l7"
+    )
+    sub.add_argument(
+        "--tls-cert",
+        metavar="F",
+        help="l7 (required): certificate chain, PEM; reloaded when the file changes",
+    )
+    sub.add_argument("--tls-key", metavar="F", help="l7 (required): unencrypted private key, PEM")
+    sub.add_argument(
+        "--backend-tls",
+        action="store_true",
+        help="l7: HTTP/2 over TLS to the backend, verified (default: h2c, cleartext)",
+    )
+    sub.add_argument(
+        "--send-proxy-protocol",
+        action="store_true",
+        help="send a PROXY v2 header with the client's address to the backend first",
+    )
+    listener_and_hostname(
+        command(
+            routes,
+            "remove",
+            cmd_routes_remove,
+            "remove a route",
+            "Remove a route. New connections for the hostname are reset; open L4"
+            " connections go on; requests on open L7 connections get 421.",
+        )
+    )
 
-    firewall = commands.add_parser("firewall", help="global firewall rules").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
-    )
+    firewall = group("firewall", "global firewall: blocked IPs, networks and countries")
     command(firewall, "list", cmd_firewall_list, "list firewall rules")
-    for name, handler, help in (
-        ("add", cmd_firewall_add, "block an IP, network or country"),
-        ("remove", cmd_firewall_remove, "remove a block"),
+    for name, handler, help, description in (
+        (
+            "add",
+            cmd_firewall_add,
+            "block an IP, network or country",
+            "Block new connections from an address, a network or a country (by the real"
+            " client address: the PROXY header's on proxy_protocol listeners). Blocked"
+            " connections are reset without a byte; open connections are not cut."
+            " Countries need firewall.geoip_db in the config.",
+        ),
+        ("remove", cmd_firewall_remove, "remove a block", "Remove a block."),
     ):
-        sub = command(firewall, name, handler, help)
-        sub.add_argument("--type", required=True, metavar="ip|cidr|country")
-        sub.add_argument("--value", required=True, metavar="V")
+        sub = command(firewall, name, handler, help, description)
+        _complete(
+            sub.add_argument(
+                "--type", required=True, metavar="ip|cidr|country", help="what --value is"
+            ),
+            "ip",
+            "cidr",
+            "country",
+        )
+        sub.add_argument(
+            "--value",
+            required=True,
+            metavar="V",
+            help="192.0.2.1, 2001:db8::1, 198.51.100.0/24 or an ISO 3166 code such as KP",
+        )
 
-    listeners = commands.add_parser("listeners", help="listener settings").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
+    listeners = group("listeners", "listener settings")
+    sub = command(
+        listeners,
+        "set-max-connections",
+        cmd_listeners_set_max,
+        "limit open connections",
+        "Set how many connections a listener holds at once, across all workers. Over the"
+        " limit, new connections are reset; a lower limit does not cut open connections.",
     )
-    sub = command(listeners, "set-max-connections", cmd_listeners_set_max, "limit open connections")
-    sub.add_argument("--listener", required=True, metavar="ADDR")
+    sub.add_argument("--listener", required=True, metavar="ADDR", help="e.g. :443")
     sub.add_argument("max_connections", type=int, metavar="N", help="0 = unlimited")
 
-    policies = commands.add_parser("policies", help="HTTP policies of L7 routes").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
-    )
+    policies = group("policies", "HTTP policies of L7 routes (403 when they match)")
     listener_and_hostname(command(policies, "list", cmd_policies_list, "list a route's policies"))
-    for name, handler, help in (
-        ("add", cmd_policies_add, "add a policy to a route"),
-        ("remove", cmd_policies_remove, "remove a policy from a route"),
+    for name, handler, help, description in (
+        (
+            "add",
+            cmd_policies_add,
+            "add a policy to a route",
+            "Add a policy to an L7 route; it applies to the next request, also on open"
+            " connections. block_user_agent: 403 when the User-Agent contains V"
+            " (case-sensitive). require_header: 403 when the request has no header V.",
+        ),
+        ("remove", cmd_policies_remove, "remove a policy from a route", ""),
     ):
-        sub = command(policies, name, handler, help)
+        sub = command(policies, name, handler, help, description)
         listener_and_hostname(sub)
-        sub.add_argument("--type", required=True, metavar="block_user_agent|require_header")
-        sub.add_argument("--value", required=True, metavar="V")
+        _complete(
+            sub.add_argument(
+                "--type",
+                required=True,
+                metavar="block_user_agent|require_header",
+                help="what --value is",
+            ),
+            "block_user_agent",
+            "require_header",
+        )
+        sub.add_argument(
+            "--value",
+            required=True,
+            metavar="V",
+            help="a User-Agent substring, or a header name",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argcomplete.autocomplete(parser)  # returns at once unless the shell asks for completions
+    args = parser.parse_args(argv)
     path = args.socket or default_socket()
     try:
         with AdminClient(path) as client:

@@ -104,7 +104,14 @@ def claim_socket_path(path: str) -> None:
 
     Creates the parent directory (0700) if needed; removes a stale socket.
     """
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:  # e.g. under systemd's ProtectSystem=strict
+        raise AdminSocketError(
+            f"{path}: cannot create the directory {directory}: {exc.strerror or exc}"
+            " (check admin.socket)"
+        ) from exc
     try:
         info = os.lstat(path)
     except FileNotFoundError:

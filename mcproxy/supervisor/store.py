@@ -93,7 +93,12 @@ class Store:
     @classmethod
     def open(cls, path: str) -> Store:
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:  # e.g. under systemd's ProtectSystem=strict
+            raise StoreError(
+                f"{path}: cannot create the directory {directory}: {exc.strerror or exc}"
+            ) from exc
         try:
             db = apsw.Connection(path)
             db.execute("PRAGMA journal_mode = WAL")

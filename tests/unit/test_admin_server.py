@@ -147,6 +147,12 @@ def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
     assert path.read_text() == "precious"
 
 
+def test_a_directory_that_cannot_be_created_is_refused_with_its_name(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AdminSocketError, match="cannot create the directory"):
+        claim_socket_path(str(tmp_path / "file" / "run" / "admin.sock"))
+
+
 def test_stop_removes_the_socket(fake: FakeSupervisor, sock_path: str) -> None:
     AdminServer(sock_path, fake).start().stop(grace=0)
     assert not os.path.exists(sock_path)
