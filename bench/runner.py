@@ -34,7 +34,7 @@ from tests.e2e.harness import REPO_ROOT
 __all__ = ["run"]
 
 _SIDE_BY_SIDE = ("l4_bulk", "l4_connrate", "l4_latency", "l7_h2", "l7_http1")
-_FD_HEADROOM = 1000
+_FD_HEADROOM = 100
 
 
 def _say(message: str) -> None:
