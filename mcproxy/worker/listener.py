@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
+from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint
 from mcproxy.worker.errors import Reason, Refused
@@ -33,7 +34,6 @@ from mcproxy.worker.records import ConnectionRecord, RequestRecord
 __all__ = ["Admission", "ConnectionServer", "L7Handler", "NoLimits"]
 
 log = logging.getLogger("mcproxy.worker")
-access_log = logging.getLogger("mcproxy.access")
 
 _ACCEPT_BATCH = 64
 
@@ -94,6 +94,7 @@ class ConnectionServer:
         """Called once per L7 request when it ends; the L7 handler calls these."""
         self.on_drain: list[Callable[[], None]] = []
         """Called when draining starts, so that handlers can wind down (HTTP/2 GOAWAY)."""
+        self.access_log = AccessLog()
         self._listening: dict[str, socket.socket] = {}
 
     def update_state(self, state: ProxyState) -> None:
@@ -154,8 +155,7 @@ class ConnectionServer:
         self.active_by_listener[addr] -= 1
         if not self.active_by_listener[addr]:
             del self.active_by_listener[addr]
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(connection.record.log_line())
+        self.access_log.write(connection.record.log_line())
         for callback in self.on_finished:
             callback(connection.record)
         if not self.connections:
