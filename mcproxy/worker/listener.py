@@ -128,7 +128,10 @@ class ConnectionServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
+            if sock.family == socket.AF_INET:  # the kernel's IPv4 text is already canonical
+                record = ConnectionRecord(addr, peer, sock.getsockname())
+            else:
+                record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
             connection = Connection(self, sock, record)
             self.connections.add(connection)
             self.active_by_listener[addr] += 1
