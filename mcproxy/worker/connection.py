@@ -51,6 +51,9 @@ log = logging.getLogger("mcproxy.worker")
 PROXY_HEADER_TIMEOUT = 5.0
 """The PROXY spec's advice: a header comes at once or the peer is not a proxy."""
 _READ_SIZE = 4096
+_CONNECT_ERRORS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+)
 
 Endpoint = tuple[socket.AddressFamily, tuple[str, int]]
 """What ``connect`` needs: the socket family and the address."""
@@ -255,47 +258,63 @@ class Connection:
             self.fail(exc)
 
     def _connect(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
-        backend = socket.socket(family, socket.SOCK_STREAM)
+        backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self._backend = backend
-        backend.setblocking(False)
         backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = backend.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             self._backend_failed("backend_unreachable", os.strerror(err))
             return
-        self._loop.add_writer(backend.fileno(), self._on_backend_writable)
+        # A backend on this host has usually completed the TCP handshake by the time
+        # connect() returns: try to send at once, and wait for writability only if the
+        # connection is still being made (EAGAIN). That saves a loop turn and two
+        # changes of the socket's epoll registration per connection.
+        if not self._send_first():
+            self._loop.add_writer(backend.fileno(), self._on_backend_writable)
 
     @_guarded
     def _on_backend_writable(self) -> None:
-        """Connected (or failed); then the ClientHello, replayed; then the relay."""
+        """Connected (or failed): send the rest of the first bytes, then relay."""
+        assert self._backend is not None
+        err = self._backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._backend_failed("backend_unreachable", os.strerror(err))
+        elif self._send_first() and self._step is _Step.RELAYING:
+            self._loop.remove_writer(self._backend.fileno())  # after the relay's reader joined
+
+    def _send_first(self) -> bool:
+        """Send the PROXY header and ClientHello; True once this step is over.
+
+        Over means sent in full (the relay has started) or failed (the connection
+        ended); False means the socket is not writable yet.
+        """
         backend = self._backend
         assert backend is not None
-        if self.record.dial_seconds is None:
-            err = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._backend_failed("backend_unreachable", os.strerror(err))
-                return
-            self.record.dial_seconds = self._loop.time() - self._dial_started
         try:
             sent = backend.send(self._first)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
-            self._backend_failed("backend_reset", str(exc))
-            return
+            # Before the handshake completes, send() reports what connect() would have.
+            unreachable = self.record.dial_seconds is None and exc.errno in _CONNECT_ERRORS
+            self._backend_failed(
+                "backend_unreachable" if unreachable else "backend_reset", str(exc)
+            )
+            return True
+        if self.record.dial_seconds is None:
+            self.record.dial_seconds = self._loop.time() - self._dial_started
         self._first = self._first[sent:]
         if self._first:
-            return  # the rest when the backend can take it
+            return False  # the rest when the backend can take it
         self._start_relay(backend)
+        return True
 
     def _start_relay(self, backend: socket.socket) -> None:
         assert self._timer is not None
         self._timer.cancel()
         self._step = _Step.RELAYING
-        # The relay's readers replace ours on the client (no system call) and join the
-        # writer on the backend; the writer goes after, so uvloop changes one event mask.
+        # The relay's reader replaces ours on the client socket without a system call.
         self._relay = Relay(self._loop, self.sock, backend, self.server.timeouts.idle_timeout)
-        self._loop.remove_writer(backend.fileno())
         self._relay.done.add_done_callback(self._on_relay_done)
 
     def _on_relay_done(self, done: asyncio.Future[str]) -> None:
