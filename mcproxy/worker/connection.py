@@ -32,11 +32,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from mcproxy.model import Listener, Mode, Route
 from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
 from mcproxy.worker.errors import Reason, Refused
+from mcproxy.worker.poller import READ, WRITE, Poller
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, encode_v2
 from mcproxy.worker.records import ConnectionRecord
 from mcproxy.worker.relay import Relay, reset
@@ -55,6 +56,8 @@ _CONNECT_ERRORS = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 )
 
+P = ParamSpec("P")
+
 Endpoint = tuple[socket.AddressFamily, tuple[str, int]]
 """What ``connect`` needs: the socket family and the address."""
 
@@ -68,12 +71,14 @@ class _Step(Enum):
     DONE = "done"
 
 
-def _guarded(method: Callable[[Connection], None]) -> Callable[[Connection], None]:
+def _guarded(
+    method: Callable[Concatenate[Connection, P], None],
+) -> Callable[Concatenate[Connection, P], None]:
     """Run a loop callback so that whatever it raises ends this connection alone."""
 
-    def callback(self: Connection) -> None:
+    def callback(self: Connection, /, *args: P.args, **kwargs: P.kwargs) -> None:
         try:
-            method(self)
+            method(self, *args, **kwargs)
         except Refused as refused:
             self.refuse(refused)
         except Exception as exc:  # invariant 8
@@ -90,7 +95,6 @@ class Connection:
     __slots__ = (
         "_admitted",
         "_backend",
-        "_client_paused",
         "_deadline",
         "_dial_started",
         "_first",
@@ -99,6 +103,7 @@ class Connection:
         "_l7_task",
         "_listener",
         "_loop",
+        "_poller",
         "_relay",
         "_step",
         "_timer",
@@ -114,6 +119,7 @@ class Connection:
         self.sock = sock
         self.record = record
         self._loop = server.loop
+        self._poller = Poller.of(server.loop)
         self._step = _Step.PROXY_HEADER
         self._deadline = 0.0
         self._listener: Listener | None = None
@@ -124,7 +130,6 @@ class Connection:
         self._backend: socket.socket | None = None
         self._first = b""
         self._dial_started = 0.0
-        self._client_paused = False
         self._relay: Relay | None = None
         self._l7_task: asyncio.Task[None] | None = None
 
@@ -146,7 +151,7 @@ class Connection:
                 self._admit(listener)
                 first_deadline = self._deadline
             self._timer = self._loop.call_at(first_deadline, self._on_timeout)
-            self._loop.add_reader(self.sock.fileno(), self._on_client_readable)
+            self._poller.watch(self.sock.fileno(), READ, self._on_client_event)
         except Refused as refused:
             self.refuse(refused)
         except Exception as exc:
@@ -162,12 +167,11 @@ class Connection:
         self._step = _Step.CLIENT_HELLO
 
     @_guarded
-    def _on_client_readable(self) -> None:
+    def _on_client_event(self, events: int) -> None:
         if self._step is _Step.DIALING:
-            # A TLS client waits for the ServerHello, so this is rare; the relay re-adds
-            # the reader and then sees whatever is waiting (bytes, EOF or an error).
-            self._loop.remove_reader(self.sock.fileno())
-            self._client_paused = True
+            # A TLS client waits for the ServerHello, so this is rare; the relay watches
+            # the socket again and then sees whatever is waiting (bytes, EOF or an error).
+            self._poller.set_mask(self.sock.fileno(), 0)
             return
         try:
             data = self.sock.recv(_READ_SIZE)
@@ -270,17 +274,17 @@ class Connection:
         # connection is still being made (EAGAIN). That saves a loop turn and two
         # changes of the socket's epoll registration per connection.
         if not self._send_first():
-            self._loop.add_writer(backend.fileno(), self._on_backend_writable)
+            self._poller.watch(backend.fileno(), WRITE, self._on_backend_event)
 
     @_guarded
-    def _on_backend_writable(self) -> None:
+    def _on_backend_event(self, events: int) -> None:
         """Connected (or failed): send the rest of the first bytes, then relay."""
         assert self._backend is not None
         err = self._backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._backend_failed("backend_unreachable", os.strerror(err))
-        elif self._send_first() and self._step is _Step.RELAYING:
-            self._loop.remove_writer(self._backend.fileno())  # after the relay's reader joined
+        else:
+            self._send_first()
 
     def _send_first(self) -> bool:
         """Send the PROXY header and ClientHello; True once this step is over.
@@ -313,7 +317,7 @@ class Connection:
         assert self._timer is not None
         self._timer.cancel()
         self._step = _Step.RELAYING
-        # The relay's reader replaces ours on the client socket without a system call.
+        # The relay's handlers replace ours; the client socket's mask stays as it is.
         self._relay = Relay(self._loop, self.sock, backend, self.server.timeouts.idle_timeout)
         self._relay.done.add_done_callback(self._on_relay_done)
 
@@ -326,7 +330,7 @@ class Connection:
 
     def _backend_failed(self, outcome: str, detail: str) -> None:
         self.record.outcome, self.record.detail = outcome, detail
-        self._close(reset_client=True)
+        self._close()
 
     # --- L7: the handler takes the socket -----------------------------------------------
 
@@ -337,7 +341,7 @@ class Connection:
         self._step = _Step.L7
         assert self._timer is not None
         self._timer.cancel()  # the handler keeps its own handshake deadline
-        self._loop.remove_reader(self.sock.fileno())
+        self._poller.forget(self.sock.fileno(), closing=False)
         handling = handler(self.sock, consumed, hello, self.record)
         self._l7_task = self._loop.create_task(self._serve_l7(handling))
 
@@ -372,13 +376,13 @@ class Connection:
         """RST and no bytes (invariant 6)."""
         self.record.outcome = f"refused:{refused.reason}"
         self.record.detail = refused.detail
-        self._close(reset_client=True)
+        self._close()
 
     def fail(self, exc: Exception) -> None:
         self.record.outcome = "error"
         self.record.detail = f"{type(exc).__name__}: {exc}"
         log.error("connection from %s failed", self.record.client_ip, exc_info=exc)
-        self._close(reset_client=True)
+        self._close()
 
     def abort(self) -> None:
         """End now (shutdown after the drain timeout): reset both sides."""
@@ -388,24 +392,18 @@ class Connection:
             self._relay.finish("cancelled")
         elif self._step is not _Step.DONE:
             self.record.outcome = "cancelled"
-            self._close(reset_client=True)
+            self._close()
 
-    def _close(self, reset_client: bool) -> None:
-        """Before the relay or the L7 handler owns the sockets: drop them and finish."""
+    def _close(self) -> None:
+        """Before the relay or the L7 handler owns the sockets: reset them and finish."""
         if self._step is _Step.DONE:
             return
         if self._timer is not None:
             self._timer.cancel()
-        fd = self.sock.fileno()
-        if fd >= 0:
-            self._loop.remove_reader(fd)
-        if reset_client:
-            reset(self.sock)
-        if self._backend is not None:
-            backend_fd = self._backend.fileno()
-            if backend_fd >= 0:
-                self._loop.remove_writer(backend_fd)
-            reset(self._backend)
+        for sock in (self.sock, self._backend):
+            if sock is not None and sock.fileno() >= 0:
+                self._poller.forget(sock.fileno(), closing=True)
+                reset(sock)
         self._finish()
 
     def _finish(self) -> None:

@@ -134,3 +134,35 @@ def client_hello(sni: str, padding: int = 0) -> bytes:
         fragment = message[start : start + 2**14]
         records += b"\x16\x03\x01" + struct.pack("!H", len(fragment)) + fragment
     return records
+
+
+def test_reset_behind_data_reaches_the_client_at_once(tmp_path: Path) -> None:
+    """Data then a RST from the backend: the client gets the data, then the reset."""
+    backend = socket.create_server(("127.0.0.1", 0))
+    hello = client_hello("alpha.test")
+
+    def answer_then_reset() -> None:
+        conn, _ = backend.accept()
+        conn.settimeout(10)
+        received = b""
+        while len(received) < len(hello):
+            received += conn.recv(65536)
+        conn.sendall(b"x" * 1000)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    threading.Thread(target=answer_then_reset, daemon=True).start()
+    try:
+        proxy, port = proxy_to(
+            tmp_path, f"127.0.0.1:{backend.getsockname()[1]}", idle_timeout="60s"
+        )
+        with proxy, socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(hello)
+            data = b""
+            while len(data) < 1000:
+                data += client.recv(1000 - len(data))
+            assert data == b"x" * 1000
+            assert is_reset(client, timeout=10)
+            assert outcome_logged(proxy, "reset")
+    finally:
+        backend.close()
