@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec
 from mcproxy.model import Listener, Mode, Route
 from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
 from mcproxy.worker.errors import Reason, Refused
-from mcproxy.worker.poller import READ, WRITE, Poller
+from mcproxy.worker.poller import READ, WRITE
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, encode_v2
 from mcproxy.worker.records import ConnectionRecord
 from mcproxy.worker.relay import Relay, reset
@@ -119,7 +119,7 @@ class Connection:
         self.sock = sock
         self.record = record
         self._loop = server.loop
-        self._poller = Poller.of(server.loop)
+        self._poller = server.poller
         self._step = _Step.PROXY_HEADER
         self._deadline = 0.0
         self._listener: Listener | None = None
@@ -318,7 +318,8 @@ class Connection:
         self._timer.cancel()
         self._step = _Step.RELAYING
         # The relay's handlers replace ours; the client socket's mask stays as it is.
-        self._relay = Relay(self._loop, self.sock, backend, self.server.timeouts.idle_timeout)
+        idle_timeout = self.server.timeouts.idle_timeout
+        self._relay = Relay(self._loop, self.sock, backend, idle_timeout, self._poller)
         self._relay.done.add_done_callback(self._on_relay_done)
 
     def _on_relay_done(self, done: asyncio.Future[str]) -> None:

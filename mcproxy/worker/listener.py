@@ -29,6 +29,7 @@ from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
+from mcproxy.worker.poller import Poller
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
 __all__ = ["Admission", "ConnectionServer", "L7Handler", "NoLimits"]
@@ -95,6 +96,8 @@ class ConnectionServer:
         self.on_drain: list[Callable[[], None]] = []
         """Called when draining starts, so that handlers can wind down (HTTP/2 GOAWAY)."""
         self.access_log = AccessLog()
+        self.poller = Poller(loop)
+        """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
         self._listening: dict[str, socket.socket] = {}
 
     def update_state(self, state: ProxyState) -> None:
@@ -128,7 +131,7 @@ class ConnectionServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if sock.family == socket.AF_INET:  # the kernel's IPv4 text is already canonical
+            if len(peer) == 2:  # IPv4 (IPv6 addresses are 4-tuples): already canonical text
                 record = ConnectionRecord(addr, peer, sock.getsockname())
             else:
                 record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
@@ -174,8 +177,11 @@ class ConnectionServer:
     def route(listener: Listener, hello: ClientHello) -> Route:
         if hello.sni is None:
             raise Refused(Reason.NO_ROUTE, "no SNI")
-        hostname = normalize_hostname(hello.sni)
-        route = listener.routes.get(hostname) if hostname else None
+        # Route keys are canonical, so an SNI equal to one is canonical (the usual case).
+        route = listener.routes.get(hello.sni)
+        if route is None:
+            hostname = normalize_hostname(hello.sni)
+            route = listener.routes.get(hostname) if hostname else None
         if route is None:
             raise Refused(Reason.NO_ROUTE, f"unknown SNI {hello.sni!r}")
         return route

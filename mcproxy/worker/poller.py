@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import select
-import weakref
 from collections.abc import Callable
 
 __all__ = ["ERROR", "READ", "WRITE", "Handler", "Poller"]
@@ -38,27 +37,17 @@ Handler = Callable[[int], None]
 _BATCH = 256
 """Events handled per wake-up; more stay ready and come on the loop's next turn."""
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
-
 
 class Poller:
     """Socket descriptors, their event masks and handlers, on top of one event loop."""
 
-    __slots__ = ("__weakref__", "_epoll", "_handlers", "_masks")
+    __slots__ = ("_epoll", "_handlers", "_masks")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> Poller:
-        """The loop's poller, made on first use."""
-        poller = _pollers.get(loop)
-        if poller is None:
-            poller = _pollers[loop] = cls(loop)
-        return poller
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
         """Call ``handler(events)`` while ``fd`` has any of ``mask`` (or an error) ready."""

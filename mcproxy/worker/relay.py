@@ -86,9 +86,10 @@ class Relay:
         client: socket.socket,
         backend: socket.socket,
         idle_timeout: float,
+        poller: Poller,
     ) -> None:
         self._loop = loop
-        self._poller = Poller.of(loop)
+        self._poller = poller
         self.upstream = _Direction(client, backend)
         self.downstream = _Direction(backend, client)
         self._client_fd = client.fileno()
