@@ -319,12 +319,18 @@ class Connection:
         self._step = _Step.RELAYING
         # The relay's handlers replace ours; the client socket's mask stays as it is.
         idle_timeout = self.server.timeouts.idle_timeout
-        self._relay = Relay(self._loop, self.sock, backend, idle_timeout, self._poller)
-        self._relay.done.add_done_callback(self._on_relay_done)
+        self._relay = Relay(
+            self._loop,
+            self.sock,
+            backend,
+            idle_timeout,
+            poller=self._poller,
+            on_done=self._on_relay_done,
+        )
 
-    def _on_relay_done(self, done: asyncio.Future[str]) -> None:
+    def _on_relay_done(self, outcome: str) -> None:
         assert self._relay is not None
-        self.record.outcome = done.result()
+        self.record.outcome = outcome
         self.record.bytes_up = self._relay.bytes_up + len(self._hello.consumed)
         self.record.bytes_down = self._relay.bytes_down
         self._finish()

@@ -99,6 +99,7 @@ class ConnectionServer:
         self.poller = Poller(loop)
         """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
         self._listening: dict[str, socket.socket] = {}
+        self._local: dict[str, tuple[str, int]] = {}
 
     def update_state(self, state: ProxyState) -> None:
         if state.firewall != self.state.firewall:
@@ -111,6 +112,9 @@ class ConnectionServer:
         for addr, sock in sockets.items():
             sock.setblocking(False)
             self._listening[addr] = sock
+            local = _endpoint(sock.getsockname())
+            if local[0] not in ("0.0.0.0", "::"):  # one address: every connection's local end
+                self._local[addr] = local
             self.loop.add_reader(sock.fileno(), self._accept, sock, addr)
 
     def stop_listening(self) -> None:
@@ -131,10 +135,10 @@ class ConnectionServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if len(peer) == 2:  # IPv4 (IPv6 addresses are 4-tuples): already canonical text
-                record = ConnectionRecord(addr, peer, sock.getsockname())
-            else:
-                record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
+            local = self._local.get(addr) or _endpoint(sock.getsockname())
+            # IPv4 peers (2-tuples; IPv6 ones have 4) come as canonical text already.
+            client = peer if len(peer) == 2 else _endpoint(peer)
+            record = ConnectionRecord(addr, client, local)
             connection = Connection(self, sock, record)
             self.connections.add(connection)
             self.active_by_listener[addr] += 1

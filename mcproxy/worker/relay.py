@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 
 from mcproxy.worker.poller import READ, WRITE, Poller
 
@@ -62,9 +63,9 @@ class _Direction:
 class Relay:
     """Relays until both directions have seen EOF, an error, or ``idle_timeout`` of silence.
 
-    ``done`` resolves to the outcome: ``"closed"``, ``"reset"`` or ``"idle_timeout"``
-    (or what :meth:`finish` was given). The relay owns both sockets from the start
-    and closes them at the end.
+    ``on_done(outcome)`` is called once at the end, with ``"closed"``, ``"reset"``,
+    ``"idle_timeout"`` or what :meth:`finish` was given. The relay owns both sockets
+    from the start and closes them at the end.
     """
 
     __slots__ = (
@@ -74,9 +75,10 @@ class Relay:
         "_idle_timer",
         "_last_activity",
         "_loop",
+        "_on_done",
         "_poller",
-        "done",
         "downstream",
+        "finished",
         "upstream",
     )
 
@@ -86,7 +88,9 @@ class Relay:
         client: socket.socket,
         backend: socket.socket,
         idle_timeout: float,
+        *,
         poller: Poller,
+        on_done: Callable[[str], None],
     ) -> None:
         self._loop = loop
         self._poller = poller
@@ -94,7 +98,8 @@ class Relay:
         self.downstream = _Direction(backend, client)
         self._client_fd = client.fileno()
         self._backend_fd = backend.fileno()
-        self.done: asyncio.Future[str] = loop.create_future()
+        self._on_done = on_done
+        self.finished = False
         self._idle_timeout = idle_timeout
         self._last_activity = loop.time()
         self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
@@ -121,7 +126,7 @@ class Relay:
         if events & WRITE and writes.pending:
             self._on_writable(writes)
         # Anything else (readable, error, hang-up) is news for the reading side.
-        if events & ~WRITE and reads.reading and not self.done.done():
+        if events & ~WRITE and reads.reading and not self.finished:
             self._on_readable(reads)
 
     def _on_readable(self, d: _Direction) -> None:
@@ -196,8 +201,9 @@ class Relay:
 
     def finish(self, outcome: str) -> None:
         """Stop relaying and close both sockets; resets them unless both sides closed cleanly."""
-        if self.done.done():
+        if self.finished:
             return
+        self.finished = True
         self._idle_timer.cancel()
         for sock, fd in (
             (self.upstream.src, self._client_fd),
@@ -208,4 +214,4 @@ class Relay:
                 sock.close()
             else:
                 reset(sock)
-        self.done.set_result(outcome)
+        self._on_done(outcome)
