@@ -1,10 +1,11 @@
 """Where an mc-proxy worker spends its time under one scenario's load (py-spy).
 
 ``python -m bench.profile l4_connrate`` starts the backends and one mc-proxy
-worker, runs the scenario's load while ``py-spy record`` samples the worker
-(native frames included, so time in the kernel and in OpenSSL shows under the
-Python call that made it), and prints the functions with the most samples,
-by own time and by total time. py-spy is not a dependency of the project:
+worker, runs the scenario's load while ``py-spy record --gil`` samples the
+worker whenever it runs Python (``--native`` adds C frames, so time in the
+kernel and in OpenSSL shows under the Python call that made it, at the price
+of stopping the worker for each sample), and prints the functions with the
+most samples, by own time and by total time. py-spy is not a dependency of the project:
 ``.venv/bin/pip install py-spy``. The raw collapsed stacks are kept for
 flame graphs (``--keep DIR``).
 """
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--keep", type=Path, help="directory for the collapsed stacks")
+    parser.add_argument(
+        "--native", action="store_true", help="native frames too (stops the worker per sample)"
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -90,9 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             worker = proxy.tree.pids()[1]
             collapsed = directory / "profile.txt"
+            # --gil: samples only while the worker runs Python, not while it waits in epoll.
+            how = ["--native"] if args.native else ["--gil", "--nonblocking"]
             recorder = subprocess.Popen(
-                [py_spy, "record", "--native", "--format", "raw", f"--rate={args.rate}"]
-                + [f"--pid={worker}", f"--output={collapsed}"],
+                [
+                    py_spy,
+                    "record",
+                    *how,
+                    "--format=raw",
+                    f"--rate={args.rate}",
+                    f"--pid={worker}",
+                    f"--output={collapsed}",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -355,6 +355,10 @@ class Connection:
     async def _serve_l7(self, handling: Awaitable[None]) -> None:
         try:
             await handling
+        except Refused as refused:
+            self.record.outcome = f"refused:{refused.reason}"
+            self.record.detail = refused.detail
+            reset(self.sock)
         except asyncio.CancelledError:
             self.record.outcome = "cancelled"
             reset(self.sock)
