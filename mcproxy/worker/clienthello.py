@@ -239,10 +239,10 @@ def _check_record_prefix(raw: bytearray, pos: int, end: int) -> None:
 
 
 def _vector(buf: bytearray, off: int, end: int, prefix: int, what: str) -> tuple[int, int]:
-    """Bounds of the length-prefixed vector at ``off``, which must end by ``end``."""
+    """Bounds of the length-prefixed vector at ``off`` (1- or 2-byte length), ending by ``end``."""
     if off + prefix > end:
         raise ClientHelloError(f"ClientHello truncated in the {what} length")
-    length = int.from_bytes(buf[off : off + prefix], "big")
+    length = buf[off] if prefix == 1 else buf[off] << 8 | buf[off + 1]  # no slice: hot path
     start = off + prefix
     stop = start + length
     if stop > end:
@@ -277,11 +277,12 @@ def _parse_body(msg: bytearray) -> ClientHello:
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
     seen: set[int] = set()
+    header_size, unpack_header = _EXTENSION_HEADER.size, _EXTENSION_HEADER.unpack_from
     while off < stop:
-        if stop - off < _EXTENSION_HEADER.size:
+        if stop - off < header_size:
             raise ClientHelloError("ClientHello truncated in an extension header")
-        ext_type, ext_len = _EXTENSION_HEADER.unpack_from(msg, off)
-        off += _EXTENSION_HEADER.size
+        ext_type, ext_len = unpack_header(msg, off)
+        off += header_size
         ext_end = off + ext_len
         if ext_end > stop:
             raise ClientHelloError(f"extension {ext_type} length {ext_len} overruns the hello")

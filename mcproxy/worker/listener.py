@@ -1,43 +1,41 @@
-"""Accept connections and take each through the front half of the pipeline.
+"""Accept connections; own the listening sockets, the open connections and what they share.
 
-accept -> [PROXY header] -> firewall (real client IP) -> admission (limits)
--> ClientHello -> SNI -> route -> L4 relay, or hand-off to the L7 proxy.
-
-This is thin glue: the protocol work is in the sans-I/O ``proxy_protocol``,
-``clienthello`` and ``firewall`` modules. Every read is bounded in size (by the
-decoders) and in time (``handshake_timeout``, and 5 s for a PROXY header).
-Any :class:`Refused` ends in a RST; any other error ends this connection alone
-(invariant 8).
+Each accepted socket becomes a :class:`~mcproxy.worker.connection.Connection`,
+which takes it through the pipeline (PROXY header, firewall, admission,
+ClientHello, route, L4 relay or L7 hand-off) driven by loop callbacks. This
+module holds what connections share: the routing state, the firewall, the
+limits, backend dialing, and the end of every connection (access log,
+``on_finished`` callbacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
 import functools
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Address, Listener, Mode, ProxyState, Route, normalize_hostname
-from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
+from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
+from mcproxy.worker.accesslog import AccessLog
+from mcproxy.worker.clienthello import ClientHello
+from mcproxy.worker.connection import Connection, Endpoint
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
-from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, encode_v2
+from mcproxy.worker.poller import Poller
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
-from mcproxy.worker.relay import Relay, reset
 
 __all__ = ["Admission", "ConnectionServer", "L7Handler", "NoLimits"]
 
 log = logging.getLogger("mcproxy.worker")
-access_log = logging.getLogger("mcproxy.access")
 
-PROXY_HEADER_TIMEOUT = 5.0
-"""The PROXY spec's advice: a header comes at once or the peer is not a proxy."""
-_READ_SIZE = 4096
 _ACCEPT_BATCH = 64
 
 
@@ -87,7 +85,8 @@ class ConnectionServer:
         self.l7_handler: L7Handler | None = None
         self.state = ProxyState()
         self.firewall = Firewall(self.state.firewall)
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: set[Connection] = set()
+        self._all_closed = asyncio.Event()
         self.active_by_listener: collections.Counter[str] = collections.Counter()
         """Open connections per listener address, reported in heartbeats."""
         self.on_started: list[Callable[[ConnectionRecord], None]] = []
@@ -98,7 +97,11 @@ class ConnectionServer:
         """Called once per L7 request when it ends; the L7 handler calls these."""
         self.on_drain: list[Callable[[], None]] = []
         """Called when draining starts, so that handlers can wind down (HTTP/2 GOAWAY)."""
+        self.access_log = AccessLog()
+        self.poller = Poller(loop)
+        """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
         self._listening: dict[str, socket.socket] = {}
+        self._local: dict[str, tuple[str, int]] = {}
 
     def update_state(self, state: ProxyState) -> None:
         if state.firewall != self.state.firewall:
@@ -111,6 +114,9 @@ class ConnectionServer:
         for addr, sock in sockets.items():
             sock.setblocking(False)
             self._listening[addr] = sock
+            local = _endpoint(sock.getsockname())
+            if local[0] not in ("0.0.0.0", "::"):  # one address: every connection's local end
+                self._local[addr] = local
             self.loop.add_reader(sock.fileno(), self._accept, sock, addr)
 
     def stop_listening(self) -> None:
@@ -131,201 +137,117 @@ class ConnectionServer:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self.loop.create_task(self._serve(sock, peer, addr))
-            self.connections.add(task)
+            local = self._local.get(addr) or _endpoint(sock.getsockname())
+            # IPv4 peers (2-tuples; IPv6 ones have 4) come as canonical text already.
+            client = peer if len(peer) == 2 else _endpoint(peer)
+            record = ConnectionRecord(addr, client, local)
+            for callback in self.on_started:
+                callback(record)
+            connection = Connection(self, sock, record)
+            self.connections.add(connection)
             self.active_by_listener[addr] += 1
-            task.add_done_callback(functools.partial(self._finished, addr))
-
-    def _finished(self, addr: str, task: asyncio.Task[None]) -> None:
-        self.connections.discard(task)
-        self.active_by_listener[addr] -= 1
-        if not self.active_by_listener[addr]:
-            del self.active_by_listener[addr]
+            self._all_closed.clear()
+            connection.start()
 
     async def drain(self, timeout: float) -> None:
         """Wait for open connections to end by themselves, then cut the rest."""
         for callback in self.on_drain:
             callback()
         if self.connections:
-            await asyncio.wait(set(self.connections), timeout=timeout)
-        for task in list(self.connections):
-            task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+        for connection in list(self.connections):
+            connection.abort()
         if self.connections:
-            await asyncio.wait(set(self.connections), timeout=1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), 1.0)
 
-    # --- one connection ----------------------------------------------------------
+    def finished(self, connection: Connection) -> None:
+        """A connection ended: one access-log line, then the ``on_finished`` callbacks."""
+        self.connections.discard(connection)
+        addr = connection.record.listener
+        self.active_by_listener[addr] -= 1
+        if not self.active_by_listener[addr]:
+            del self.active_by_listener[addr]
+        self.access_log.write(connection.record.log_line())
+        for callback in self.on_finished:
+            callback(connection.record)
+        if not self.connections:
+            self._all_closed.set()
 
-    async def _serve(self, sock: socket.socket, peer: tuple[str, int], addr: str) -> None:
-        record = ConnectionRecord(addr, _endpoint(peer), _endpoint(sock.getsockname()))
-        for callback in self.on_started:
-            callback(record)
-        admitted: Listener | None = None
-        try:
-            listener = self.state.listeners.get(addr)
-            if listener is None:
-                raise Refused(Reason.NO_ROUTE, "listener removed")
-            deadline = self.loop.time() + self.timeouts.handshake_timeout
-            if listener.proxy_protocol:
-                pending = await self._read_proxy_header(sock, record, deadline)
-            else:
-                pending = b""
-            self._check_firewall(record.client_ip)
-            reason = self.admission.admit(listener, record.client_ip)
-            if reason is not None:
-                raise Refused(reason)
-            admitted = listener
-            consumed, hello = await self._read_client_hello(sock, pending, deadline)
-            record.sni = hello.sni
-            route = self._route(listener, hello)
-            record.route = route
-            if route.mode is Mode.L7:
-                if self.l7_handler is None:
-                    raise Refused(Reason.NO_ROUTE, "L7 routes are not served by this build")
-                await self.l7_handler(sock, consumed, hello, record)
-            else:
-                await self._relay(sock, consumed, route, record)
-        except Refused as refused:
-            record.outcome = f"refused:{refused.reason}"
-            record.detail = refused.detail
-            reset(sock)
-        except asyncio.CancelledError:
-            record.outcome = "cancelled"
-            reset(sock)
-            raise
-        except Exception as exc:  # invariant 8: this connection alone ends
-            record.outcome = "error"
-            record.detail = f"{type(exc).__name__}: {exc}"
-            log.exception("connection from %s failed", record.client_ip)
-            reset(sock)
-        finally:
-            if admitted is not None:
-                self.admission.release(admitted)
-            access_log.info(record.log_line())
-            for callback in self.on_finished:
-                callback(record)
-
-    def _check_firewall(self, ip: str) -> None:
-        reason = self.firewall.check(ip)
-        if reason is not None:
-            raise Refused(reason)
-
-    async def _read_proxy_header(
-        self, sock: socket.socket, record: ConnectionRecord, deadline: float
-    ) -> bytes:
-        """Read the PROXY header and return the bytes that followed it (the ClientHello's start).
-
-        The header's source becomes the client and its destination the local end, as
-        HAProxy does: what the firewall, the log and a forwarded PROXY header show is
-        the connection as the real client made it, not the hop from the upstream proxy.
-        LOCAL, UNKNOWN and address-less families keep the TCP endpoints.
-        """
-        decoder = ProxyHeaderDecoder()
-        try:
-            async with asyncio.timeout_at(min(deadline, self.loop.time() + PROXY_HEADER_TIMEOUT)):
-                while True:
-                    data = await self.loop.sock_recv(sock, _READ_SIZE)
-                    if not data:
-                        raise Refused(Reason.PROXY_HEADER, "closed before the header")
-                    header = decoder.feed(data)
-                    if header is not None:
-                        break
-        except TimeoutError:
-            raise Refused(Reason.PROXY_HEADER, "no header in time") from None
-        except ProxyHeaderError as exc:
-            raise Refused(Reason.PROXY_HEADER, str(exc)) from None
-        if header.source is not None and header.destination is not None:
-            record.client = _endpoint(header.source)
-            record.local = _endpoint(header.destination)
-        return decoder.leftover
-
-    async def _read_client_hello(
-        self, sock: socket.socket, pending: bytes, deadline: float
-    ) -> tuple[bytes, ClientHello]:
-        parser = ClientHelloParser()
-        try:
-            hello = parser.feed(pending) if pending else None
-            async with asyncio.timeout_at(deadline):
-                while hello is None:
-                    data = await self.loop.sock_recv(sock, _READ_SIZE)
-                    if not data:
-                        raise Refused(Reason.CLIENT_HELLO, "closed before the ClientHello")
-                    hello = parser.feed(data)
-        except TimeoutError:
-            raise Refused(Reason.CLIENT_HELLO, "no ClientHello in time") from None
-        except ClientHelloError as exc:
-            raise Refused(Reason.CLIENT_HELLO, str(exc)) from None
-        return parser.consumed, hello
+    # --- helpers for the connections ----------------------------------------------
 
     @staticmethod
-    def _route(listener: Listener, hello: ClientHello) -> Route:
+    def endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
+        return _endpoint(sockaddr)
+
+    @staticmethod
+    def route(listener: Listener, hello: ClientHello) -> Route:
         if hello.sni is None:
             raise Refused(Reason.NO_ROUTE, "no SNI")
-        hostname = normalize_hostname(hello.sni)
-        route = listener.routes.get(hostname) if hostname else None
+        # Route keys are canonical, so an SNI equal to one is canonical (the usual case).
+        route = listener.routes.get(hello.sni)
+        if route is None:
+            hostname = normalize_hostname(hello.sni)
+            route = listener.routes.get(hostname) if hostname else None
         if route is None:
             raise Refused(Reason.NO_ROUTE, f"unknown SNI {hello.sni!r}")
         return route
 
-    # --- L4 ------------------------------------------------------------------
+    @staticmethod
+    def resolved(backend: Address) -> Endpoint | None:
+        """The socket family and address of an IP-literal backend; None for a hostname."""
+        return _ip_endpoint(backend.host, backend.port)
+
+    async def resolve(self, backend: Address) -> Endpoint:
+        """Family and address of any backend: IP literals at once, hostnames by getaddrinfo."""
+        endpoint = _ip_endpoint(backend.host, backend.port)
+        if endpoint is not None:
+            return endpoint
+        infos = await self.loop.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        return family, (str(sockaddr[0]), int(sockaddr[1]))
 
     async def dial(self, backend: Address) -> socket.socket:
-        """Connect to a backend within ``connect_timeout``; raises OSError or TimeoutError."""
+        """Connect to a backend within ``connect_timeout``; raises OSError or TimeoutError.
+
+        The connect is done here rather than by ``loop.sock_connect``, which in uvloop
+        resolves even an IP literal through a thread pool on every call.
+        """
         async with asyncio.timeout(self.timeouts.connect_timeout):
-            family, address = await self._resolve(backend)
+            family, address = await self.resolve(backend)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await self.loop.sock_connect(sock, address)
+                err = sock.connect_ex(address)
+                if err == errno.EINPROGRESS:
+                    writable = self.loop.create_future()
+                    self.loop.add_writer(sock.fileno(), _set_once, writable)
+                    try:
+                        await writable
+                    finally:
+                        self.loop.remove_writer(sock.fileno())
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
             except BaseException:
                 sock.close()
                 raise
             return sock
 
-    async def _resolve(self, backend: Address) -> tuple[socket.AddressFamily, tuple[str, int]]:
-        try:
-            ip = ipaddress.ip_address(backend.host)
-        except ValueError:
-            infos = await self.loop.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = infos[0]
-            return family, (str(sockaddr[0]), int(sockaddr[1]))
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        return family, (backend.host, backend.port)
 
-    async def _relay(
-        self, client: socket.socket, consumed: bytes, route: Route, record: ConnectionRecord
-    ) -> None:
-        dial_started = self.loop.time()
-        try:
-            backend = await self.dial(route.backend)
-            record.dial_seconds = self.loop.time() - dial_started
-        except TimeoutError:
-            record.outcome, record.detail = (
-                "backend_timeout",
-                f"no connection in {self.timeouts.connect_timeout}s",
-            )
-            reset(client)
-            return
-        except OSError as exc:
-            record.outcome, record.detail = "backend_unreachable", str(exc)
-            reset(client)
-            return
-        first = consumed
-        if route.send_proxy_protocol:
-            first = encode_v2(record.client, record.local) + consumed
-        try:
-            await self.loop.sock_sendall(backend, first)
-        except OSError as exc:
-            record.outcome, record.detail = "backend_reset", str(exc)
-            reset(client)
-            reset(backend)
-            return
-        relay = Relay(self.loop, client, backend, self.timeouts.idle_timeout)
-        try:
-            record.outcome = await asyncio.shield(relay.done)
-        except asyncio.CancelledError:
-            relay.finish("cancelled")
-            raise
-        finally:
-            record.bytes_up = relay.bytes_up + len(consumed)
-            record.bytes_down = relay.bytes_down
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_endpoint(host: str, port: int) -> Endpoint | None:
+    """Parsing an IP literal costs microseconds; a backend's is parsed once per worker."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, (host, port)

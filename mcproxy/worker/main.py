@@ -24,6 +24,7 @@ import sys
 
 from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
 from mcproxy.worker.geoip import GeoIP
 from mcproxy.worker.l7 import L7Proxy
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+        format=WORKER_FORMAT,
         stream=sys.stderr,
     )
     # The supervisor forwards SIGINT as SIGTERM; a terminal's ^C must not hit us twice.

@@ -137,11 +137,13 @@ class TlsBackend:
     the client closes.
     """
 
-    def __init__(self, name: str, cert: Path, key: Path, proxy_protocol: bool = False) -> None:
+    def __init__(
+        self, name: str, cert: Path, key: Path, proxy_protocol: bool = False, port: int = 0
+    ) -> None:
         self.name = name
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self.connections = 0
         self.proxy_headers: list[bytes] = []
@@ -188,11 +190,12 @@ class TlsBackend:
                         remaining -= len(chunk)
                     tls.sendall(digest.hexdigest().encode() + b"\n")
                 elif command[0] == "SOURCE":
-                    size, offset = int(command[1]), 0
-                    data = pattern(size)
-                    view = memoryview(data)
-                    while offset < size:
-                        offset += tls.send(view[offset : offset + (1 << 20)])
+                    # pattern() repeats every 64 KiB: stream it from one 1 MiB block, so
+                    # a large download (the benchmark's 256 MiB) costs no memory.
+                    remaining, block = int(command[1]), memoryview(pattern(1 << 20))
+                    while remaining:
+                        tls.sendall(block[: min(remaining, len(block))])
+                        remaining -= min(remaining, len(block))
                     tls.unwrap()
                 elif command[0] == "ECHO":
                     while chunk := tls.recv(65536):

@@ -38,7 +38,6 @@ from mcproxy.worker.relay import reset
 __all__ = ["L7Proxy"]
 
 log = logging.getLogger("mcproxy.l7")
-access_log = logging.getLogger("mcproxy.access")
 
 
 class _Session:
@@ -95,16 +94,10 @@ class _Session:
         extra = f" blocked_by={request.blocked_by}" if request.blocked_by else ""
         if exchange.detail:
             extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
-        access_log.info(
-            "request client=%s route=%s method=%s status=%d in=%d out=%d duration=%.3f%s",
-            self.record.client_ip,
-            request.route,
-            request.method or "-",
-            request.status,
-            request.bytes_in,
-            request.bytes_out,
-            request.duration,
-            extra,
+        self.proxy.server.access_log.write(
+            f"request client={self.record.client_ip} route={request.route} "
+            f"method={request.method or '-'} status={request.status} in={request.bytes_in} "
+            f"out={request.bytes_out} duration={request.duration:.3f}{extra}"
         )
         for callback in self.proxy.server.on_request:
             try:
