@@ -157,7 +157,7 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -211,6 +211,9 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.stopping = True
+            elif signum == signal.SIGHUP:
+                # A habit from other proxies; dying on it would take the service down.
+                log.warning("SIGHUP ignored: routes change through the admin API, not a reload")
             # SIGCHLD only wakes the loop; reap() runs on every turn anyway.
 
     # --- worker lifecycle -----------------------------------------------------------

@@ -155,3 +155,14 @@ def test_a_silent_worker_gets_sigabrt_then_sigkill(
     worker.aborted_at -= manager.ABORT_GRACE + 1
     supervisor.kill_unresponsive()
     assert sent == [signal.SIGABRT, signal.SIGKILL]
+
+
+def test_sighup_is_logged_and_does_not_stop(
+    supervisor: Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    import signal
+
+    supervisor.signals.append(signal.SIGHUP)
+    supervisor.handle_signals()
+    assert not supervisor.stopping
+    assert "SIGHUP ignored" in caplog.text
