@@ -234,11 +234,11 @@ def shared() -> Iterator[limits.SharedMemory]:
 
 
 def _hammer_connections(
-    fd: int, slot: int, limit: int, rounds: int, seed: int, out: multiprocessing.Queue[int]
+    fd: int, slot: int, *, limit: int, rounds: int, out: multiprocessing.Queue[int]
 ) -> None:
     """Acquire and release at random; under the row's lock, the count is never over."""
     memory = limits.attach(fd)
-    t, rng = memory.limits, random.Random(seed)
+    t, rng = memory.limits, random.Random(slot)
     held, admitted, refused = 0, 0, 0
     row_lock = t.layout.counters * limits.WORD
     lock = FcntlLock(fd)
@@ -269,7 +269,11 @@ def test_processes_hammering_never_exceed_the_limit(shared: limits.SharedMemory)
     ctx = multiprocessing.get_context("fork")
     out: multiprocessing.Queue[int] = ctx.Queue()
     workers = [
-        ctx.Process(target=_hammer_connections, args=(shared.fd, slot, 5, 3000, slot, out))
+        ctx.Process(
+            target=_hammer_connections,
+            args=(shared.fd, slot),
+            kwargs={"limit": 5, "rounds": 3000, "out": out},
+        )
         for slot in range(6)
     ]
     for process in workers:
