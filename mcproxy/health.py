@@ -26,9 +26,20 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mcproxy.model import Address
+from mcproxy.model import Address, ProxyState, Route
 
-__all__ = ["CheckTarget", "HealthState", "Monitor", "Verdict"]
+__all__ = [
+    "CheckTarget",
+    "HealthState",
+    "Monitor",
+    "RouteKey",
+    "Verdict",
+    "route_targets",
+    "state_targets",
+]
+
+RouteKey = tuple[str, str]
+"""(listener address, route hostname)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,3 +199,19 @@ class Monitor:
     def verdicts(self) -> list[Verdict]:
         """Every target's current state (for a new worker, status and metrics)."""
         return [Verdict(t, s.up, s.reason, s.since) for t, s in self.states.items()]
+
+
+def route_targets(route: Route) -> tuple[CheckTarget | None, ...]:
+    """The check target of each of ``route``'s backends (None: the route has no check)."""
+    return (None,)
+
+
+def state_targets(state: ProxyState) -> dict[CheckTarget, tuple[RouteKey, ...]]:
+    """Every target the supervisor checks, with the routes that use it."""
+    users: dict[CheckTarget, list[RouteKey]] = {}
+    for addr, listener in state.listeners.items():
+        for hostname, route in listener.routes.items():
+            for target in route_targets(route):
+                if target is not None:
+                    users.setdefault(target, []).append((addr, hostname))
+    return {target: tuple(keys) for target, keys in users.items()}

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mcproxy.config import ProxyTimeouts
+from mcproxy.health import Verdict
 from mcproxy.model import Change, ProxyState
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Delta",
     "FrameDecoder",
     "FrameError",
+    "Health",
     "Heartbeat",
     "Message",
     "Snapshot",
@@ -80,6 +82,16 @@ class Delta:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Backend verdicts of the supervisor's health checks. Not a change: no generation,
+    no acknowledgement, never stored; ``full`` replaces every earlier verdict (sent
+    after a new worker's snapshot)."""
+
+    verdicts: tuple[Verdict, ...]
+    full: bool = False
+
+
 # --- worker -> supervisor ----------------------------------------------------
 
 
@@ -100,7 +112,7 @@ class Heartbeat:
     """Open connections by listener address (for ``GetStatus``)."""
 
 
-Message = Boot | Snapshot | Delta | Ack | Heartbeat
+Message = Boot | Snapshot | Delta | Health | Ack | Heartbeat
 
 _SAFE_BUILTINS = frozenset({"frozenset", "set", "dict", "tuple", "list", "getattr"})
 
@@ -153,6 +165,6 @@ def _decode(payload: bytes) -> Message:
         raise
     except Exception as exc:
         raise FrameError(f"undecodable frame: {exc}") from exc
-    if not isinstance(message, Boot | Snapshot | Delta | Ack | Heartbeat):
+    if not isinstance(message, Boot | Snapshot | Delta | Health | Ack | Heartbeat):
         raise FrameError(f"frame holds {type(message).__name__}, not a message")
     return message

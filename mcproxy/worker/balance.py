@@ -213,9 +213,17 @@ class Balancer:
             else:
                 self.down[verdict.target] = verdict
 
-    def forget_routes(self) -> None:
-        """Drop cached route data (after a state change); rotations restart."""
+    def offset(self, offset: int) -> None:
+        """Start every rotation at ``offset`` (the worker's slot), from the next state on."""
+        self._offset = offset
         self._routes.clear()
+
+    def forget_routes(self, alive: Callable[[str, str], object]) -> None:
+        """Drop the rotations of routes that changed or went (``alive(listener, hostname)``
+        gives the current route, or None); the others keep their place."""
+        self._routes = {
+            key: state for key, state in self._routes.items() if alive(*key) is state.route
+        }
 
     # --- choosing --------------------------------------------------------------------
 

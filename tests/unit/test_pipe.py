@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mcproxy import pipe
 from mcproxy.config import ProxyTimeouts
+from mcproxy.health import CheckTarget, Verdict
 from mcproxy.model import Address, FirewallRules, Listener, Route, RouteAdded, make_state
 
 STATE = make_state(
@@ -28,6 +29,10 @@ MESSAGES: list[pipe.Message] = [
     pipe.Boot(slot=1, listen_fds={"127.0.0.1:8443": 5}, timeouts=ProxyTimeouts()),
     pipe.Snapshot(STATE),
     pipe.Delta(RouteAdded("127.0.0.1:8443", Route("b.test", Address("::1", 1))), 8),
+    pipe.Health(
+        (Verdict(CheckTarget(Address("127.0.0.1", 9000), "tcp", 1.0, 1.0, 2, 3), False, "x", 1.0),),
+        full=True,
+    ),
     pipe.Ack(8),
     pipe.Heartbeat(generation=8, active_connections=3),
 ]
