@@ -179,8 +179,9 @@ class RouteTable(Mapping[str, Route]):
     """An immutable hostname -> route map where one change costs far less than a copy.
 
     Every admin change makes a new state, and a listener may hold 10,000 routes
-    or more: copying the whole dict per change costs ~0.3 ms per 10,000 routes
-    in the supervisor and again in each worker. Instead a table is a ``base``
+    or more: copying the whole dict per change would cost, in the supervisor and
+    again in each worker, time proportional to the routes (``bench/route_table.py``
+    measures both). Instead a table is a ``base``
     dict that versions share (never mutated once built) plus a small
     ``overlay`` of the changes since, which is copied per change. When the
     overlay outgrows about sqrt(n) entries it is folded into a new base, so a
