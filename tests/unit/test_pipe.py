@@ -121,7 +121,13 @@ def test_the_allow_list_holds_value_types_only() -> None:
     import enum
 
     for (module, name), cls in pipe.ALLOWED.items():
-        assert module in ("builtins", "mcproxy.model", "mcproxy.config", "mcproxy.pipe")
+        assert module in (
+            "builtins",
+            "mcproxy.model",
+            "mcproxy.config",
+            "mcproxy.health",
+            "mcproxy.pipe",
+        )
         assert cls.__qualname__ == name
         if module != "builtins" and cls is not RouteTable:
             assert dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
