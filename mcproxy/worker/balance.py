@@ -57,6 +57,9 @@ class BackendRoute(Protocol):
     """What the balancer reads of a route (``model.Route``)."""
 
     @property
+    def hostname(self) -> str: ...
+
+    @property
     def backends(self) -> tuple[Address, ...]: ...
 
     @property
@@ -244,7 +247,6 @@ class Balancer:
     def choose(
         self,
         listener: str,
-        hostname: str,
         route: BackendRoute,
         client_ip: str,
         tried: Collection[Address] = (),
@@ -257,7 +259,7 @@ class Balancer:
         backends = route.backends
         if len(backends) == 1:
             return None if backends[0] in tried else backends[0]
-        state = self._state(listener, hostname, route)
+        state = self._state(listener, route.hostname, route)
         up = [
             b
             for b, target in zip(backends, state.targets, strict=True)
@@ -290,19 +292,28 @@ class Balancer:
 
     # --- what happened ------------------------------------------------------------------
 
-    def dial_failed(self, backend: Address, target: CheckTarget | None) -> bool:
+    def dial_failed(self, listener: str, route: BackendRoute, backend: Address) -> bool:
         """A dial to ``backend`` failed or timed out; True when this ejects it here."""
+        target = self.target(listener, route, backend)
         if target is None:
             return self.passive.failed(backend, 1, PASSIVE_COOLDOWN)
         return self.passive.failed(backend, target.fall, target.interval * target.rise)
 
-    def dial_succeeded(self, backend: Address) -> None:
+    def connected(self, route: BackendRoute, backend: Address) -> bool:
+        """A dial succeeded and the connection (L7: stream) is open; True when it is counted
+        (``least_conn`` routes): call :meth:`released` when it ends."""
         self.passive.succeeded(backend)
+        if route.balance != "least_conn":
+            return False
+        self.counts.opened(backend)
+        return True
 
-    def target(
-        self, listener: str, hostname: str, route: BackendRoute, backend: Address
-    ) -> CheckTarget | None:
+    def released(self, backend: Address) -> None:
+        """A counted connection or stream ended."""
+        self.counts.closed(backend)
+
+    def target(self, listener: str, route: BackendRoute, backend: Address) -> CheckTarget | None:
         """The check target of one of a route's backends (None without a check)."""
-        state = self._state(listener, hostname, route)
+        state = self._state(listener, route.hostname, route)
         index = state.order.get(backend)
         return None if index is None else state.targets[index]

@@ -18,6 +18,7 @@ class FakeRoute:
     backends: tuple[Address, ...]
     balance: str = "round_robin"
     checked: bool = False
+    hostname: str = "h"
 
 
 def check(backend: Address) -> CheckTarget:
@@ -42,7 +43,7 @@ def balancer(clock: Clock | None = None, offset: int = 0) -> Balancer:
 
 
 def picks(b: Balancer, route: FakeRoute, n: int, ip: str = "192.0.2.1") -> list[Address]:
-    return [b.choose("l", "h", route, ip) or Address("none", 1) for _ in range(n)]
+    return [b.choose("l", route, ip) or Address("none", 1) for _ in range(n)]
 
 
 def test_round_robin_rotates_and_workers_start_at_their_own_offset() -> None:
@@ -54,19 +55,19 @@ def test_round_robin_rotates_and_workers_start_at_their_own_offset() -> None:
 def test_a_single_backend_is_always_chosen_until_tried() -> None:
     b = balancer()
     route = FakeRoute((A,))
-    assert b.choose("l", "h", route, "192.0.2.1") == A
-    assert b.choose("l", "h", route, "192.0.2.1", tried={A}) is None
+    assert b.choose("l", route, "192.0.2.1") == A
+    assert b.choose("l", route, "192.0.2.1", tried={A}) is None
 
 
 def test_failover_goes_to_the_next_backend_then_gives_up() -> None:
     b = balancer()
     route = FakeRoute((A, B, C))
-    first = b.choose("l", "h", route, "192.0.2.1")
+    first = b.choose("l", route, "192.0.2.1")
     assert first == A
-    assert b.choose("l", "h", route, "192.0.2.1", tried={A}) == B
-    assert b.choose("l", "h", route, "192.0.2.1", tried={A, B}) == C
-    assert b.choose("l", "h", route, "192.0.2.1", tried={A, B, C}) is None
-    assert b.choose("l", "h", route, "192.0.2.1") == B  # retries did not move the rotation
+    assert b.choose("l", route, "192.0.2.1", tried={A}) == B
+    assert b.choose("l", route, "192.0.2.1", tried={A, B}) == C
+    assert b.choose("l", route, "192.0.2.1", tried={A, B, C}) is None
+    assert b.choose("l", route, "192.0.2.1") == B  # retries did not move the rotation
 
 
 def test_a_backend_down_by_verdict_is_skipped_and_comes_back() -> None:
@@ -94,34 +95,36 @@ def test_when_every_backend_is_down_all_are_tried_anyway() -> None:
     route = FakeRoute((A, B), checked=True)
     b.set_verdicts([Verdict(check(A), False, "x", 0.0), Verdict(check(B), False, "x", 0.0)])
     assert set(picks(b, route, 4)) == {A, B}
-    first = b.choose("l", "h", route, "192.0.2.1")
+    first = b.choose("l", route, "192.0.2.1")
     assert first is not None
-    assert b.choose("l", "h", route, "192.0.2.1", tried={first}) not in (None, first)
+    assert b.choose("l", route, "192.0.2.1", tried={first}) not in (None, first)
 
 
 def test_passive_ejection_and_its_expiry() -> None:
     clock = Clock()
     b = balancer(clock)
     route = FakeRoute((A, B))  # no check: one failure ejects for 10 s
-    assert b.dial_failed(A, None)
+    assert b.dial_failed("l", route, A)
     assert set(picks(b, route, 4)) == {B}
     clock.now = 10.5
     assert set(picks(b, route, 4)) == {A, B}
-    b.dial_succeeded(A)
+    b.connected(route, A)
     assert not b.passive.ejected(A)
 
 
 def test_passive_ejection_follows_the_checks_fall_and_rise() -> None:
     clock = Clock()
     b = balancer(clock)
-    t = check(A)  # fall 3, rise 2, interval 1 s: ejected for 2 s
-    assert not b.dial_failed(A, t)
-    assert not b.dial_failed(A, t)
-    assert b.dial_failed(A, t)
+    route = FakeRoute((A, B), checked=True)  # fall 3, rise 2, interval 1 s: ejected for 2 s
+    assert not b.dial_failed("l", route, A)
+    assert not b.dial_failed("l", route, A)
+    assert b.dial_failed("l", route, A)
     assert b.passive.ejected(A)
     clock.now = 2.5
     assert not b.passive.ejected(A)
-    assert b.dial_failed(A, t)  # the probe after the cooldown failed: out again
+    assert b.dial_failed("l", route, A)  # the probe after the cooldown failed: out again
+    assert b.connected(route, A) is False  # not least_conn: not counted
+    assert not b.passive.ejected(A)
 
 
 def test_least_conn_prefers_the_backend_with_fewest_connections() -> None:
@@ -131,10 +134,10 @@ def test_least_conn_prefers_the_backend_with_fewest_connections() -> None:
     for _ in range(5):
         counts.opened(A)
     counts.opened(B)
-    assert b.choose("l", "h", route, "192.0.2.1") == C
+    assert b.choose("l", route, "192.0.2.1") == C
     counts.opened(C)
     counts.opened(C)
-    assert b.choose("l", "h", route, "192.0.2.1") == B
+    assert b.choose("l", route, "192.0.2.1") == B
     # ties rotate instead of always landing on the first backend
     fresh = Balancer(Clock(), targets_of, LocalCounts())
     assert set(picks(fresh, route, 3)) == {A, B, C}
@@ -146,7 +149,7 @@ def test_source_ip_is_sticky_and_spreads_over_many_clients() -> None:
     assert len(set(picks(one, route, 20, ip="198.51.100.7"))) == 1
     assert picks(one, route, 1, ip="198.51.100.7") == picks(other, route, 1, ip="198.51.100.7")
     clients = [str(ipaddress.IPv4Address(0x0A000000 + i)) for i in range(3000)]
-    spread = collections.Counter(one.choose("l", "h", route, ip) for ip in clients)
+    spread = collections.Counter(one.choose("l", route, ip) for ip in clients)
     assert all(800 < spread[backend] < 1200 for backend in (A, B, C)), spread
 
 
@@ -170,9 +173,9 @@ def test_source_ip_skips_a_down_backend_for_its_clients_only() -> None:
     b = balancer()
     route = FakeRoute((A, B, C), balance="source_ip", checked=True)
     clients = [f"203.0.113.{i}" for i in range(1, 200)]
-    before = {ip: b.choose("l", "h", route, ip) for ip in clients}
+    before = {ip: b.choose("l", route, ip) for ip in clients}
     b.set_verdicts([Verdict(check(B), False, "x", 0.0)])
-    after = {ip: b.choose("l", "h", route, ip) for ip in clients}
+    after = {ip: b.choose("l", route, ip) for ip in clients}
     assert B not in after.values()
     assert all(after[ip] == before[ip] for ip in clients if before[ip] != B)
 
