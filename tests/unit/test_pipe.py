@@ -220,7 +220,7 @@ def _big_state(routes: int) -> Any:
             Listener(
                 Address("127.0.0.1", 8443),
                 routes={
-                    f"h{i}.test": Route(f"h{i}.test", Address("127.0.0.1", 9000))
+                    f"h{i}.test": Route(f"h{i}.test", (Address("127.0.0.1", 9000),))
                     for i in range(routes)
                 },
             )
