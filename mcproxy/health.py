@@ -26,7 +26,7 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mcproxy.model import Address, ProxyState, Route
+from mcproxy.model import Address, HealthCheckKind, Mode, ProxyState, Route
 
 __all__ = [
     "CheckTarget",
@@ -202,8 +202,55 @@ class Monitor:
 
 
 def route_targets(route: Route) -> tuple[CheckTarget | None, ...]:
-    """The check target of each of ``route``'s backends (None: the route has no check)."""
-    return (None,)
+    """The check target of each of ``route``'s backends (None: the route has no check).
+
+    ``tcp`` is a bare connect, whatever the route's TLS: routes that share the
+    address share the check. ``http`` on an l7 route speaks the route's backend
+    protocol over its backend TLS settings (verified as the proxy verifies);
+    on an l4 route the backend expects the client's TLS, so the GET is HTTP/1.1
+    over TLS with the route's hostname as SNI, unverified (the proxy holds no
+    trust for a passthrough backend).
+    """
+    check = route.health_check
+    if check is None:
+        return (None,) * len(route.backends)
+    if check.kind is HealthCheckKind.TCP:
+        return tuple(
+            CheckTarget(b, "tcp", check.interval, check.timeout, check.rise, check.fall, path="")
+            for b in route.backends
+        )
+    base = (check.interval, check.timeout, check.rise, check.fall)
+    if route.mode is Mode.L7:
+        tls = route.backend_tls
+        return tuple(
+            CheckTarget(
+                b,
+                "http",
+                *base,
+                path=check.path,
+                protocol=route.backend_protocol.value,
+                tls=tls,
+                server_name=route.backend_server_name if tls else None,
+                ca=route.backend_ca if tls else None,
+                client_cert=route.backend_client_cert if tls else None,
+                client_key=route.backend_client_key if tls else None,
+            )
+            for b in route.backends
+        )
+    sni = route.hostname if "*" not in route.hostname else None
+    return tuple(
+        CheckTarget(
+            b,
+            "http",
+            *base,
+            path=check.path,
+            protocol="h1",
+            tls=True,
+            server_name=sni,
+            verify=False,
+        )
+        for b in route.backends
+    )
 
 
 def state_targets(state: ProxyState) -> dict[CheckTarget, tuple[RouteKey, ...]]:

@@ -116,3 +116,49 @@ def test_the_same_backend_with_other_settings_is_another_target() -> None:
     monitor = Monitor(Clock())
     monitor.set_targets([a, same, other])
     assert len(monitor.states) == 2
+
+
+def test_routes_sharing_a_backend_and_check_share_one_target() -> None:
+    from mcproxy.health import route_targets, state_targets
+    from mcproxy.model import (
+        FirewallRules,
+        HealthCheck,
+        HealthCheckKind,
+        Listener,
+        Mode,
+        Route,
+        make_state,
+    )
+
+    tcp = HealthCheck(HealthCheckKind.TCP, interval=1.0)
+    http = HealthCheck(HealthCheckKind.HTTP, interval=1.0, path="/ready")
+    a, b = Address("127.0.0.1", 9001), Address("127.0.0.1", 9002)
+    one = Route("one.test", (a, b), health_check=tcp)
+    two = Route("two.test", (b,), health_check=tcp, mode=Mode.L7, backend_tls=True)
+    three = Route("three.test", (b,), health_check=http, mode=Mode.L7)
+    plain = Route("plain.test", (a,))
+    assert route_targets(plain) == (None,)
+    assert route_targets(one)[1] == route_targets(two)[0]  # tcp ignores the TLS settings
+    (h2c,) = route_targets(three)
+    assert h2c is not None
+    assert (h2c.kind, h2c.protocol, h2c.tls, h2c.path) == ("http", "h2", False, "/ready")
+    l4 = route_targets(Route("l4.test", (a,), health_check=http))[0]
+    assert l4 is not None and (l4.tls, l4.protocol, l4.server_name, l4.verify) == (
+        True,
+        "h1",
+        "l4.test",
+        False,
+    )
+    state = make_state(
+        1,
+        [Listener(Address("127.0.0.1", 443), routes={r.hostname: r for r in (one, two, three)})],
+        FirewallRules(),
+    )
+    users = state_targets(state)
+    assert len(users) == 3
+    shared = route_targets(two)[0]
+    assert shared is not None
+    assert users[shared] == (
+        ("127.0.0.1:443", "one.test"),
+        ("127.0.0.1:443", "two.test"),
+    )
