@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mcproxy.model import Address, HealthCheckKind, Mode, ProxyState, Route
 
 __all__ = [
+    "BackendState",
     "CheckTarget",
     "HealthState",
     "Monitor",
     "RouteKey",
     "Verdict",
+    "route_states",
     "route_targets",
     "state_targets",
 ]
@@ -262,3 +264,28 @@ def state_targets(state: ProxyState) -> dict[CheckTarget, tuple[RouteKey, ...]]:
                 if target is not None:
                     users.setdefault(target, []).append((addr, hostname))
     return {target: tuple(keys) for target, keys in users.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """One backend of a route as the supervisor sees it (``routes list``, metrics)."""
+
+    address: Address
+    up: bool
+    reason: str
+    checked: bool
+
+
+def route_states(route: Route, verdicts: Mapping[CheckTarget, Verdict]) -> list[BackendState]:
+    """Each of ``route``'s backends with the supervisor's verdict (up when unchecked)."""
+    states = []
+    for backend, target in zip(route.backends, route_targets(route), strict=True):
+        if target is None:
+            states.append(BackendState(backend, True, "", False))
+            continue
+        verdict = verdicts.get(target)
+        if verdict is None:
+            states.append(BackendState(backend, True, "not checked yet", True))
+        else:
+            states.append(BackendState(backend, verdict.up, verdict.reason, True))
+    return states

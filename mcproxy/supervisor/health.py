@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import h2.config
 import h2.connection
@@ -204,6 +204,16 @@ class HealthRunner:
         self.users: dict[CheckTarget, tuple[RouteKey, ...]] = {}
         """The routes that use each target (for log lines), replaced whole."""
         self._listeners: object = None
+        self._by_target: tuple[tuple[Verdict, ...], dict[CheckTarget, Verdict]] = ((), {})
+
+    def by_target(self) -> Mapping[CheckTarget, Verdict]:
+        """The current verdicts by target (any thread; rebuilt only after a change)."""
+        verdicts = self.verdicts
+        cached = self._by_target
+        if cached[0] is not verdicts:
+            cached = (verdicts, {v.target: v for v in verdicts})
+            self._by_target = cached
+        return cached[1]
 
     def start(self) -> HealthRunner:
         self._thread = threading.Thread(target=self._main, name="mc-proxy health", daemon=True)

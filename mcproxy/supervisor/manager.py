@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 import mcproxy
 from mcproxy import limits, pipe
 from mcproxy.config import Config
-from mcproxy.health import CheckTarget, Verdict
+from mcproxy.health import BackendState, CheckTarget, Verdict, route_states
 from mcproxy.model import (
     Change,
     FirewallRuleAdded,
     FirewallRuleKind,
     ProxyState,
+    Route,
     StateError,
     apply_change,
 )
@@ -172,6 +173,11 @@ class Supervisor:
         self.health = HealthRunner(self._verdict_arrived).start()
         self._health_state = self.state
         self.health.set_state(self.state)
+
+    def backend_states(self, route: Route) -> list[BackendState]:
+        """Each backend of ``route`` with its health verdict (thread-safe)."""
+        verdicts = self.health.by_target() if self.health is not None else {}
+        return route_states(route, verdicts)
 
     def _verdict_arrived(self, verdict: Verdict) -> None:
         """In the health thread: queue it and wake the loop, which tells the workers."""

@@ -27,6 +27,7 @@ from mcproxy.admin import cli
 from mcproxy.admin.client import AdminClient, AdminError, ListedRoute
 from mcproxy.admin.server import AdminServer, AdminSocketError, claim_socket_path
 from mcproxy.admin.servicer import AdminServicer
+from mcproxy.health import BackendState, route_states
 from mcproxy.model import (
     Address,
     Change,
@@ -84,6 +85,9 @@ class FakeSupervisor:
             now=time.time(),
             now_monotonic=time.monotonic(),
         )
+
+    def backend_states(self, route: Route) -> list[BackendState]:
+        return route_states(route, {})
 
 
 @pytest.fixture
