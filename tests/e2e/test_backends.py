@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
