@@ -39,6 +39,7 @@ __all__ = [
     "RouteTable",
     "StateError",
     "apply_change",
+    "lookup_route",
     "make_state",
     "normalize_hostname",
     "parse_address",
@@ -241,6 +242,16 @@ class RouteTable(Mapping[str, Route]):
 
     def __reduce__(self) -> tuple[type[RouteTable], tuple[dict[str, Route]]]:
         return RouteTable, (dict(self.items()),)  # pickles (snapshots) flat
+
+
+def lookup_route(routes: Mapping[str, Route], name: str | None) -> Route | None:
+    """The route that serves the hostname ``name`` (exact match only, case-insensitive,
+    trailing dot ignored); None when none does. The wildcard and catch-all
+    matching of the routing work replaces this."""
+    if not name:
+        return None
+    key = name.lower().removesuffix(".")
+    return routes.get(key)
 
 
 def _freeze(routes: Mapping[str, Route]) -> RouteTable:
