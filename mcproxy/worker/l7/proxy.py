@@ -63,8 +63,11 @@ class _Session:
         )
 
     def _lookup(self) -> Route | None:
+        # The SNI's route now (ARCHITECTURE.md, "Routing"); another one than the
+        # handshake's (removed, or a more specific route added) answers 421.
         listener = self.proxy.server.state.listeners.get(self.record.listener)
-        return listener.routes.get(self.hostname) if listener is not None else None
+        route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
+        return route if route is not None and route.hostname == self.hostname else None
 
     def _route_for(self, name: str) -> Route | None:
         """The route serving ``name`` on this listener, matched as SNI is (for 421)."""
