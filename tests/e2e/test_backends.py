@@ -121,7 +121,8 @@ def test_least_conn_steers_away_from_a_backend_holding_long_connections(
 ) -> None:
     proxy, port = start(tmp_path, pool, balance="least_conn")
     with proxy:
-        on_b0, others = [], []
+        on_b0: list[socket.socket] = []
+        others: list[socket.socket] = []
         try:
             for _ in range(6):  # spread by least_conn over the two workers: two each
                 before = [b.connections for b in pool.backends]
