@@ -303,6 +303,11 @@ class Balancer:
         """A dial succeeded and the connection (L7: stream) is open; True when it is counted
         (``least_conn`` routes): call :meth:`released` when it ends."""
         self.passive.succeeded(backend)
+        return self.count(route, backend)
+
+    def count(self, route: BackendRoute, backend: Address) -> bool:
+        """Count one open connection or stream to ``backend`` if ``route`` is ``least_conn``
+        (True: call :meth:`released` when it ends)."""
         if route.balance != "least_conn":
             return False
         self.counts.opened(backend)

@@ -75,3 +75,5 @@ class RequestRecord:
     bytes_out: int = 0
     blocked_by: str | None = None
     """The policy kind that answered 403, if any."""
+    backend: Address | None = None
+    """The backend the request went to (the last one tried), None if answered locally."""

@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.certs import CA, issue
+from tests.e2e.h2backend import H2Backend
 from tests.e2e.harness import ProxyProcess, TlsBackend, client_context, free_port, wait_for
 
 HOST = "pool.test"
@@ -217,3 +219,109 @@ def test_all_backends_down_then_one_back(tmp_path: Path, pool: Pool, ca: CA) -> 
         pool.restart(2)
         # All are down as far as the checks know, so all are tried: b2 answers at once.
         assert ask(port, ca) == "b2"
+
+
+# --- L7 ---------------------------------------------------------------------------------
+
+WEB = "web.test"
+
+
+@pytest.fixture
+def web_pool() -> Iterator[list[H2Backend]]:
+    backends = [H2Backend(name=f"w{i}") for i in range(3)]
+    yield backends
+    for backend in backends:
+        backend.close()
+
+
+def l7_proxy(tmp_path: Path, ca: CA, backends: list[str], **route: Any) -> tuple[ProxyProcess, int]:
+    cert, key = issue(ca, WEB, tmp_path)
+    port = free_port()
+    config = {
+        "listeners": [
+            {
+                "addr": f"127.0.0.1:{port}",
+                "routes": [
+                    {
+                        "hostname": WEB,
+                        "backends": backends,
+                        "mode": "l7",
+                        "tls_cert": str(cert),
+                        "tls_key": str(key),
+                        **route,
+                    }
+                ],
+            }
+        ]
+    }
+    return ProxyProcess(tmp_path, config), port
+
+
+def get_many(port: int, ca_file: Path, count: int) -> list[tuple[int, str]]:
+    """``count`` GETs of /headers over one HTTP/2 connection: (status, x-backend) each."""
+    url = f"https://{WEB}:{port}/headers"
+    done = subprocess.run(
+        ["curl", "-sS", "--http2", "--cacert", str(ca_file), "--resolve", f"{WEB}:{port}:127.0.0.1"]
+        + ["-o", "/dev/null", "-D", "-", *([url] * count)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results: list[tuple[int, str]] = []
+    for block in done.stdout.decode().split("HTTP/2 ")[1:]:
+        lines = block.splitlines()
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("x-backend:")), ""
+        )
+        results.append((int(lines[0].split()[0]), name))
+    assert len(results) == count, done.stdout
+    return results
+
+
+def test_l7_spreads_requests_and_ejects_a_backend_whose_health_answers_503(
+    tmp_path: Path, ca: CA, web_pool: list[H2Backend]
+) -> None:
+    ca_file = ca.write(tmp_path)
+    check = {"kind": "http", "interval": "500ms", "timeout": "400ms", "fall": 2, "rise": 2}
+    proxy, port = l7_proxy(tmp_path, ca, [b.addr for b in web_pool], health_check=check)
+    with proxy:
+        spread = collections.Counter(get_many(port, ca_file, 30))
+        assert {status for status, _ in spread} == {200}
+        assert {name for _, name in spread} == {"w0", "w1", "w2"}, spread
+        wait_for(lambda: all(b.health_checks >= 2 for b in web_pool), 30, "checks running")
+        web_pool[1].health_status = 503  # still accepts connections and requests
+        wait_for(lambda: "is down: HTTP 503" in proxy.log(), 30, "w1 ejected")
+        before = web_pool[1].requests
+        results = get_many(port, ca_file, 30)
+        assert {status for status, _ in results} == {200}  # no 5xx to clients
+        assert "w1" not in {name for _, name in results}
+        assert web_pool[1].requests == before  # no request reached it
+        web_pool[1].health_status = 200
+        recovered = time.monotonic()
+        wait_for(lambda: "is up again" in proxy.log(), 30, "w1 back")
+        assert time.monotonic() - recovered < 0.5 * 2 + 3.0  # interval x rise, and a margin
+        wait_for(lambda: "w1" in {name for _, name in get_many(port, ca_file, 6)}, 30, "w1 serving")
+
+
+def test_l7_fails_over_from_an_unreachable_backend(
+    tmp_path: Path, ca: CA, web_pool: list[H2Backend]
+) -> None:
+    ca_file = ca.write(tmp_path)
+    dead = f"127.0.0.1:{free_port()}"
+    proxy, port = l7_proxy(tmp_path, ca, [dead, web_pool[0].addr, web_pool[1].addr])
+    with proxy:
+        results = get_many(port, ca_file, 12)
+        assert {status for status, _ in results} == {200}, results
+        assert {name for _, name in results} == {"w0", "w1"}
+        assert f"failed={dead}" in proxy.log()
+
+
+def test_l7_least_conn_counts_streams(tmp_path: Path, ca: CA, web_pool: list[H2Backend]) -> None:
+    ca_file = ca.write(tmp_path)
+    proxy, port = l7_proxy(tmp_path, ca, [b.addr for b in web_pool], balance="least_conn")
+    with proxy:
+        results = get_many(port, ca_file, 12)
+    # Sequential requests leave every count at 0 in turn: ties rotate over all three.
+    assert {status for status, _ in results} == {200}
+    assert {name for _, name in results} == {"w0", "w1", "w2"}

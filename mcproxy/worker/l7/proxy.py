@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Route, lookup_route
+from mcproxy.model import Address, Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
+from mcproxy.worker.l7.backends import Choices
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import CertStore
 from mcproxy.worker.l7.channel import Channel, handshake
@@ -52,6 +53,9 @@ class _Session:
         self.channel: Channel | None = None
         self.idle_timed_out = False
         self._idle: asyncio.TimerHandle | None = None
+        self.choices = Choices(
+            proxy.server.balancer, record.listener, record.client_ip, self._group_of
+        )
         self.router = Router(
             lookup=self._lookup,
             client_ip=record.client_ip,
@@ -60,6 +64,7 @@ class _Session:
             hostname=route.hostname,
             on_dial=self._dialed,
             route_for=self._route_for,
+            on_routed=self._routed,
         )
 
     def _lookup(self) -> Route | None:
@@ -75,7 +80,14 @@ class _Session:
         return lookup_route(listener.routes, name) if listener is not None else None
 
     def _group_for(self, route: Route) -> BackendGroup:
-        key = BackendKey(route.backend, route.backend_tls)
+        return self._group_of(route, self.choices.choose(route))
+
+    def _routed(self, exchange: Exchange, route: Route) -> None:
+        if exchange.home is not None:
+            self.choices.routed(exchange, route, exchange.home.key.backend)
+
+    def _group_of(self, route: Route, backend: Address) -> BackendGroup:
+        key = BackendKey(backend, route.backend_tls)
         if not route.send_proxy_protocol:
             return self.proxy.group(key)
         group = self.private.get(key)
@@ -90,6 +102,7 @@ class _Session:
             self.record.dial_seconds = seconds
 
     def _finished(self, exchange: Exchange) -> None:
+        backend, failed = self.choices.finished(exchange)
         request = RequestRecord(
             listener=self.record.listener,
             route=exchange.route,
@@ -99,8 +112,13 @@ class _Session:
             bytes_in=exchange.request.forwarded,
             bytes_out=exchange.response.forwarded,
             blocked_by=exchange.blocked_by.value if exchange.blocked_by else None,
+            backend=backend,
         )
         extra = f" blocked_by={request.blocked_by}" if request.blocked_by else ""
+        if backend is not None:
+            extra += f" backend={backend}"
+        if failed:
+            extra += " failed=" + ",".join(map(str, failed))
         if exchange.detail:
             extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
         self.proxy.server.access_log.write(

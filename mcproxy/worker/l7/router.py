@@ -43,7 +43,10 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         on_dial: Callable[[float], None] | None = None,
         route_for: Callable[[str], Route | None] | None = None,
+        on_routed: Callable[[Exchange, Route], None] | None = None,
     ) -> None:
+        self._on_routed = on_routed
+        """Told each exchange sent towards a backend (balancing, failover)."""
         self._lookup = lookup
         self._client_ip = client_ip
         self._group_for = group_for
@@ -88,6 +91,8 @@ class Router:
             else:
                 exchange.request.head = forwarded
                 exchange.home = self._group_for(route)
+                if self._on_routed is not None:
+                    self._on_routed(exchange, route)
         return exchange
 
     def _finished(self, exchange: Exchange) -> None:
