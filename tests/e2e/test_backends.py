@@ -261,8 +261,11 @@ def get_many(port: int, ca_file: Path, count: int) -> list[tuple[int, str]]:
     """``count`` GETs of /headers over one HTTP/2 connection: (status, x-backend) each."""
     url = f"https://{WEB}:{port}/headers"
     done = subprocess.run(
-        ["curl", "-sS", "--http2", "--cacert", str(ca_file), "--resolve", f"{WEB}:{port}:127.0.0.1"]
-        + ["-o", "/dev/null", "-D", "-", *([url] * count)],
+        [
+            *("curl", "-sS", "--http2", "--cacert", str(ca_file)),
+            *("--resolve", f"{WEB}:{port}:127.0.0.1", "-o", "/dev/null", "-D", "-"),
+            *([url] * count),
+        ],
         capture_output=True,
         timeout=60,
         check=False,
