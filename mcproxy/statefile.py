@@ -217,28 +217,27 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def plan(
-    current: ProxyState, desired: ProxyState, *, listeners_at_runtime: bool = False
-) -> Plan:
+def plan(current: ProxyState, desired: ProxyState, *, listeners_at_runtime: bool = False) -> Plan:
     """The changes that make ``current`` equal to ``desired`` (generations aside).
 
     Order inside the batch: firewall rules, listeners removed, then per
     listener in the file's order: the listener added, or its limit and its
-    routes' removals, updates and additions. A route present in both but different is one ``RouteUpdated``, so
-    no connection sees it missing. Without ``listeners_at_runtime`` a listener
-    to add or remove is refused, as is a change of an existing listener's
-    ``proxy_protocol`` (a listener is rebound to change it).
+    routes' removals, updates and additions. A route present in both but
+    different is one ``RouteUpdated``, so no connection sees it missing.
+    Without ``listeners_at_runtime`` a listener to add or remove is refused,
+    as is a change of an existing listener's ``proxy_protocol`` (a listener
+    is rebound to change it).
     """
     changes: list[Change] = []
     entries: list[PlannedChange] = []
     refused: list[str] = []
 
     for key, kind in _FIREWALL_LISTS:
-        have, want = current.firewall.values(kind), desired.firewall.values(kind)
-        for value in sorted(have - want):
+        blocked, wanted = current.firewall.values(kind), desired.firewall.values(kind)
+        for value in sorted(blocked - wanted):
             changes.append(FirewallRuleRemoved(kind, value))
             entries.append(PlannedChange("remove", "firewall", "", f"{kind.value} {value}", key))
-        for value in sorted(want - have):
+        for value in sorted(wanted - blocked):
             changes.append(FirewallRuleAdded(kind, value))
             entries.append(PlannedChange("add", "firewall", "", f"{kind.value} {value}", key))
 
@@ -259,7 +258,9 @@ def plan(
         path = f"listeners[{index}]"
         have = current.listeners.get(addr)
         if have is None:
-            detail = f"{len(want.routes)} routes" + (", proxy_protocol" if want.proxy_protocol else "")
+            detail = f"{len(want.routes)} routes" + (
+                ", proxy_protocol" if want.proxy_protocol else ""
+            )
             entries.append(PlannedChange("add", "listener", addr, addr, detail))
             if listeners_at_runtime:
                 changes.append(ListenerAdded(want))
@@ -307,4 +308,6 @@ def _plan_routes(
             entries.append(PlannedChange("add", "route", addr, hostname, _summary(route)))
         elif old != route:
             changes.append(RouteUpdated(addr, route))
-            entries.append(PlannedChange("update", "route", addr, hostname, _route_diff(old, route)))
+            entries.append(
+                PlannedChange("update", "route", addr, hostname, _route_diff(old, route))
+            )

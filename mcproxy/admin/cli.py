@@ -483,6 +483,32 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="V",
             help="a User-Agent substring, or a header name",
         )
+
+    command(
+        commands,
+        "export",
+        cmd_export,
+        "print the state as YAML",
+        "Print listeners, routes, policies and firewall rules as YAML in the config"
+        " file's schema (no process settings). `mc-proxy check` accepts it, it seeds a"
+        " new node, and `apply -f` makes a node's state equal to it.",
+    )
+    sub = command(
+        commands,
+        "apply",
+        cmd_apply,
+        "make the state equal to a YAML file",
+        "Make the state equal to FILE (the config file's schema, as `export` prints it)"
+        " in one change: one transaction, one generation, live on every worker when the"
+        " command returns. Prints what it adds (+), updates (~) and removes (-). A file"
+        " with any problem changes nothing and exits 1 naming each field. Process"
+        " settings in FILE are ignored, with a note. Applying the same file twice is a"
+        " no-op.",
+    )
+    sub.add_argument("-f", "--file", required=True, metavar="FILE", help="the desired state, YAML")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
     return parser
 
 

@@ -76,7 +76,7 @@ def rich(tmp_path: Path) -> ProxyState:
         backend_tls=True,
         policies=(
             L7Policy(PolicyKind.BLOCK_USER_AGENT, "BadBot"),
-            L7Policy(PolicyKind.REQUIRE_HEADER, "X-API-Key"),
+            L7Policy(PolicyKind.REQUIRE_HEADER, "x-api-key"),
         ),
     )
     return _state(
@@ -113,7 +113,7 @@ def test_export_leaves_defaults_out(rich: ProxyState) -> None:
     assert first["routes"][2] == {"hostname": "a.test", "backend": "127.0.0.1:9000", "mode": "l4"}
     assert first["routes"][3]["l7_policies"] == [
         {"type": "block_user_agent", "value": "BadBot"},
-        {"type": "require_header", "value": "X-API-Key"},
+        {"type": "require_header", "value": "x-api-key"},
     ]
     assert doc["firewall"]["blocked_ips"] == ["192.0.2.1", "2001:db8::1"]
     assert doc["listeners"][1]["proxy_protocol"] is True
@@ -189,12 +189,25 @@ def test_listener_changes_with_runtime_listeners(rich: ProxyState) -> None:
     desired = _state(rich.listeners[A], added)
     p = plan(rich, desired, listeners_at_runtime=True)
     assert p.refused == ()
-    assert ListenerRemoved(B) in p.changes and ListenerAdded(desired.listeners["127.0.0.1:7443"]) in p.changes
+    assert (
+        ListenerRemoved(B) in p.changes
+        and ListenerAdded(desired.listeners["127.0.0.1:7443"]) in p.changes
+    )
     _same(apply_change(rich, ChangeBatch(p.changes)), desired)
 
 
 def test_process_settings_in() -> None:
-    data = {"workers": 2, "proxy": {}, "listeners": [], "firewall": {"geoip_db": "x", "rate_limit": 1}}
-    assert process_settings_in(data) == ["workers", "proxy", "firewall.geoip_db", "firewall.rate_limit"]
+    data = {
+        "workers": 2,
+        "proxy": {},
+        "listeners": [],
+        "firewall": {"geoip_db": "x", "rate_limit": 1},
+    }
+    assert process_settings_in(data) == [
+        "workers",
+        "proxy",
+        "firewall.geoip_db",
+        "firewall.rate_limit",
+    ]
     assert process_settings_in({"listeners": []}) == []
     assert process_settings_in(None) == []
