@@ -36,7 +36,7 @@ CLIENT_IP = "192.0.2.7"
 READ_SIZE = 64 * 1024
 ROUTE = Route(
     hostname="web.test",
-    backend=Address("127.0.0.1", 9000),
+    backends=(Address("127.0.0.1", 9000),),
     mode=Mode.L7,
     tls_cert="/c.pem",
     tls_key="/k.pem",
@@ -342,7 +342,7 @@ class World:
         self.route = route
         self.backend_settings = backend_settings
         self.auto_dial = auto_dial
-        self.clock = ManualClock()
+        self.timers = ManualClock()
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.groups: dict[BackendKey, BackendPool] = {}
@@ -358,8 +358,8 @@ class World:
             group_for=self.group_for,
             on_finished=self.finished.append,
             hostname="web.test",
-            clock=self.clock.now,
-            timers=self.clock,
+            clock=self.timers.now,
+            timers=self.timers,
             idle_timeout=self.idle_timeout,
         )
 
@@ -367,16 +367,16 @@ class World:
         key = BackendKey(route.backend, route.backend_tls)
         if key not in self.groups:
             self.groups[key] = BackendPool(
-                key, self.dials.append, self.clock, self.connect_timeout, self.idle_timeout
+                key, self.dials.append, self.timers, self.connect_timeout, self.idle_timeout
             )
         return self.groups[key]
 
     def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass: fire each timer due, and let the world settle after each."""
-        until = self.clock.time + seconds
-        while self.clock.fire_next(until):
+        until = self.timers.time + seconds
+        while self.timers.fire_next(until):
             self.run()
-        self.clock.time = until
+        self.timers.time = until
         self.run()
 
     def h2_client(self, initial: dict[h2.settings.SettingCodes, int] | None = None) -> H2ClientPeer:
@@ -424,7 +424,7 @@ class World:
 def policy_route(*policies: L7Policy) -> Route:
     return Route(
         hostname=ROUTE.hostname,
-        backend=ROUTE.backend,
+        backends=ROUTE.backends,
         mode=Mode.L7,
         tls_cert=ROUTE.tls_cert,
         tls_key=ROUTE.tls_key,

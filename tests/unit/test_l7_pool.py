@@ -156,7 +156,7 @@ def test_a_dial_is_bounded_once_by_connect_timeout_then_504_and_cancelled() -> N
     cancelled: list[bool] = []
     dial.cancel = lambda: cancelled.append(True)
     # One timer each: the dial's, the queue's, and the client connection's deadline sweep.
-    assert world.clock.pending() == 3
+    assert world.timers.pending() == 3
     world.advance(5.0)
     assert status(client, sid) == b"504"
     assert cancelled == [True]
@@ -296,7 +296,7 @@ def test_an_idle_connection_closes_after_idle_timeout_and_leaks_no_timer() -> No
     assert state_of(backend) is ConnState.READY
     world.advance(151)
     assert state_of(backend) is ConnState.CLOSED
-    assert world.clock.pending() == 0
+    assert world.timers.pending() == 0
     assert only_pool(world).connections == []
 
 

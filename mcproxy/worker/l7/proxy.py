@@ -18,7 +18,7 @@ import ssl
 import time
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Route
+from mcproxy.model import Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import CertStore
@@ -61,11 +61,20 @@ class _Session:
             on_dial=self._dialed,
             timers=proxy.clock,
             idle_timeout=proxy.timeouts.idle_timeout,
+            route_for=self._route_for,
         )
 
     def _lookup(self) -> Route | None:
+        # The SNI's route now (ARCHITECTURE.md, "Routing"); another one than the
+        # handshake's (removed, or a more specific route added) answers 421.
         listener = self.proxy.server.state.listeners.get(self.record.listener)
-        return listener.routes.get(self.hostname) if listener is not None else None
+        route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
+        return route if route is not None and route.hostname == self.hostname else None
+
+    def _route_for(self, name: str) -> Route | None:
+        """The route serving ``name`` on this listener, matched as SNI is (for 421)."""
+        listener = self.proxy.server.state.listeners.get(self.record.listener)
+        return lookup_route(listener.routes, name) if listener is not None else None
 
     def _group_for(self, route: Route) -> BackendPool:
         if not route.send_proxy_protocol:
@@ -110,10 +119,11 @@ class _Session:
     async def run(self, sock: socket.socket, tls: TlsSession) -> str:
         loop = self.proxy.loop
         channel = Channel(loop, tls, early=tls.read(), pause_reading_when_full=True)
+        head_timeout = self.proxy.timeouts.handshake_timeout
         if tls.alpn == ALPN_H2:
-            self.leg = H2Front(channel, self.router)
+            self.leg = H2Front(channel, self.router, head_timeout=head_timeout)
         else:
-            self.leg = H11Front(channel, self.router, self.hostname)
+            self.leg = H11Front(channel, self.router, self.hostname, head_timeout=head_timeout)
         channel.leg = self.leg
         self.channel = channel
         await loop.connect_accepted_socket(lambda: channel, sock)

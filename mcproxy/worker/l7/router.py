@@ -24,7 +24,14 @@ from collections.abc import Callable
 from mcproxy.model import Mode, Route
 from mcproxy.worker.l7.bridge import Endpoint, Exchange
 from mcproxy.worker.l7.clock import Clock, Timer
-from mcproxy.worker.l7.headers import Headers, blocked_by, for_backend
+from mcproxy.worker.l7.headers import (
+    MAX_HEADER_LIST_SIZE,
+    Headers,
+    blocked_by,
+    for_backend,
+    header_list_size,
+    refusal,
+)
 from mcproxy.worker.l7.pool import BackendPool
 
 __all__ = ["STALE_SWEEPS", "Router"]
@@ -49,6 +56,7 @@ class Router:
         on_dial: Callable[[float], None] | None = None,
         timers: Clock | None = None,
         idle_timeout: float = 0.0,
+        route_for: Callable[[str], Route | None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._client_ip = client_ip
@@ -62,6 +70,8 @@ class Router:
         self._sweep_every = idle_timeout / STALE_SWEEPS
         self._live: set[Exchange] = set()
         self._sweep: Timer | None = None
+        self._route_for = route_for
+        """The route of a hostname on this listener (421 when it is not ours)."""
 
     def open(self, client: Endpoint, head: Headers, ended: bool) -> Exchange:
         """An exchange for this request; ``home`` is its backend group unless answered locally.
@@ -91,11 +101,17 @@ class Router:
             exchange.respond_locally(421, "the route is gone or no longer L7")
         elif method == "CONNECT":
             exchange.respond_locally(501, "CONNECT is not supported")
+        elif (refused := refusal(head, route, self._route_for)) is not None:
+            exchange.respond_locally(*refused)
         elif (policy := blocked_by(route.policies, head)) is not None:
             exchange.respond_locally(403, f"policy {policy.kind}", blocked_by=policy.kind)
         else:
-            exchange.request.head = for_backend(head, self._client_ip)
-            exchange.home = self._group_for(route)
+            forwarded = for_backend(head, self._client_ip)
+            if header_list_size(forwarded) > MAX_HEADER_LIST_SIZE:
+                exchange.respond_locally(431, "header list too large once forwarded")
+            else:
+                exchange.request.head = forwarded
+                exchange.home = self._group_for(route)
         return exchange
 
     def _finished(self, exchange: Exchange) -> None:
