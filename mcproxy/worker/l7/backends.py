@@ -83,9 +83,7 @@ class Choices:
             self._balancer.released(failed)
         routed.backend, routed.tried = backend, tried
         routed.counted = self._balancer.count(route, backend)
-        group = self._group_of(route, backend)
-        exchange.home = group  # type: ignore[assignment]
-        group.submit(exchange)
+        self._group_of(route, backend).submit(exchange)  # which makes it the exchange's home
         return True
 
     def finished(self, exchange: Exchange) -> tuple[Address | None, tuple[Address, ...]]:
