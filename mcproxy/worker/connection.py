@@ -332,8 +332,32 @@ class Connection:
         self._first = self._first[sent:]
         if self._first:
             return False  # the rest when the backend can take it
+        route = self.record.route
+        if route is not None and len(route.backends) > 1:
+            # Another backend could still take the connection: wait for this one's first
+            # byte, so that a backend that resets or closes before answering (a crash, a
+            # full accept queue) is failed over like a refused dial (ARCHITECTURE.md,
+            # "Backends and health"). The client waits for the ServerHello meanwhile.
+            self._poller.watch(backend.fileno(), READ, self._on_backend_answer)
+            return True
         self._start_relay(backend)
         return True
+
+    @_guarded
+    def _on_backend_answer(self, events: int) -> None:
+        backend = self._backend
+        assert backend is not None
+        try:
+            answered = backend.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_failed("backend_reset", str(exc))
+            return
+        if not answered:
+            self._backend_failed("backend_reset", "closed before answering")
+            return
+        self._start_relay(backend)
 
     def _start_relay(self, backend: socket.socket) -> None:
         assert self._timer is not None
