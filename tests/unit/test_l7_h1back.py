@@ -89,7 +89,9 @@ class Pair:
         """What reached the backend after a protocol switch."""
         self.finished: list[Exchange] = []
 
-    def request(self, head: Headers, ended: bool = True, body: bytes = b"") -> tuple[Exchange, Client]:
+    def request(
+        self, head: Headers, ended: bool = True, body: bytes = b""
+    ) -> tuple[Exchange, Client]:
         client = Client()
         method = next(v for n, v in head if n == b":method").decode()
         exchange = Exchange(client, method, "web.test", self.finished.append)
@@ -250,7 +252,7 @@ def test_early_hints_pass_and_100_does_not() -> None:
 
 def test_a_chunked_response_streams_and_its_trailers_come_along() -> None:
     pair = Pair()
-    exchange, client = pair.request(get())
+    _exchange, client = pair.request(get())
     pair.respond(
         h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]),
         h11.Data(data=b"a"),
@@ -314,7 +316,7 @@ def test_a_post_is_not_retried_and_a_fresh_connection_is_not_either() -> None:
 
 def test_a_broken_response_is_502_and_the_connection_is_reset() -> None:
     pair = Pair()
-    exchange, client = pair.request(get())
+    _exchange, client = pair.request(get())
     pair.leg.receive_data(b"SPDY/3 200 OK\r\n\r\n")
     assert client.head is not None and client.head[0] == (b":status", b"502")
     assert pair.io.aborted and pair.leg.outcome == "backend_protocol_error"
@@ -369,7 +371,7 @@ def test_a_websocket_from_http11_keeps_its_key_and_sees_the_101() -> None:
     pair = Pair()
     head = get(b"/ws", b"CONNECT", (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="))
     head.insert(1, (b":protocol", b"websocket"))
-    exchange, client = pair.request(head, ended=False)
+    _exchange, client = pair.request(head, ended=False)
     (request,) = pair.requests()
     assert dict(request.headers)[b"sec-websocket-key"] == b"dGhlIHNhbXBsZSBub25jZQ=="
     accept = (b"sec-websocket-accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
@@ -384,7 +386,7 @@ def test_a_refused_websocket_is_a_plain_response() -> None:
     pair = Pair()
     head = get(b"/ws", b"CONNECT")
     head.insert(1, (b":protocol", b"websocket"))
-    exchange, client = pair.request(head, ended=False)
+    _exchange, client = pair.request(head, ended=False)
     pair.respond(*ok(b"nope"))
     assert client.head is not None and client.head[0] == (b":status", b"200")
     assert client.body == b"nope" and client.ended and not pair.leg.tunnel
@@ -395,7 +397,7 @@ def test_drain_closes_a_tunnel_and_an_idle_connection() -> None:
     pair = Pair()
     head = get(b"/ws", b"CONNECT")
     head.insert(1, (b":protocol", b"websocket"))
-    exchange, client = pair.request(head, ended=False)
+    _exchange, client = pair.request(head, ended=False)
     pair.leg.receive_data(
         pair.server.send(h11.InformationalResponse(status_code=101, headers=[(b"upgrade", b"ws")]))
     )
