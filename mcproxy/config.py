@@ -2,7 +2,7 @@
 
 Process settings (workers, paths, addresses, timeouts) are read from the file
 at every start. Listeners, routes, policies and firewall rules in the file
-only seed an empty database (DESIGN.md invariant 1): they are returned as
+only seed an empty database (ARCHITECTURE.md, invariant 1): they are returned as
 ``Config.seed``, a generation-0 :class:`~mcproxy.model.ProxyState`.
 
 The loader is strict because a typo in an ingress config fails open or

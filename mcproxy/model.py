@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 __all__ = [
+    "CATCH_ALL",
     "Address",
     "AddressError",
     "Change",
@@ -39,9 +40,11 @@ __all__ = [
     "RouteTable",
     "StateError",
     "apply_change",
+    "lookup_route",
     "make_state",
     "normalize_hostname",
     "parse_address",
+    "route_matches",
 ]
 
 
@@ -168,13 +171,17 @@ class Route:
 
 _REMOVED = None
 
+CATCH_ALL = "*"
+"""The hostname of a listener's catch-all route (ARCHITECTURE.md, "Routing")."""
+
 
 class RouteTable(Mapping[str, Route]):
     """An immutable hostname -> route map where one change costs far less than a copy.
 
     Every admin change makes a new state, and a listener may hold 10,000 routes
-    or more: copying the whole dict per change costs ~0.3 ms per 10,000 routes
-    in the supervisor and again in each worker. Instead a table is a ``base``
+    or more: copying the whole dict per change would cost, in the supervisor and
+    again in each worker, time proportional to the routes (``bench/route_table.py``
+    measures both). Instead a table is a ``base``
     dict that versions share (never mutated once built) plus a small
     ``overlay`` of the changes since, which is copied per change. When the
     overlay outgrows about sqrt(n) entries it is folded into a new base, so a
@@ -224,6 +231,37 @@ class RouteTable(Mapping[str, Route]):
             return self._overlay[hostname] is not _REMOVED
         return hostname in self._base
 
+    def lookup(self, name: str | None) -> Route | None:
+        """The route that serves the SNI ``name`` (None: the ClientHello had none).
+
+        Precedence (ARCHITECTURE.md, "Routing"): the exact name, then the
+        wildcard ``*.parent`` one label up (``*.example.com`` serves
+        ``a.example.com``, never ``example.com`` nor ``a.b.example.com``), then
+        the catch-all ``*``, which also serves a ClientHello without SNI.
+        Case-insensitive, a trailing dot ignored. At most three keys, each two
+        dict probes, so the cost does not grow with the number of routes.
+        None when nothing matches (the connection is then reset).
+        """
+        if name:
+            key = name.lower()
+            if key[-1] == ".":
+                key = key[:-1]
+            route = self._get(key)
+            if route is not None:
+                return route
+            dot = key.find(".")
+            if dot > 0:
+                route = self._get("*" + key[dot:])
+                if route is not None:
+                    return route
+        return self._get(CATCH_ALL)
+
+    def _get(self, hostname: str) -> Route | None:
+        overlay = self._overlay
+        if overlay and hostname in overlay:
+            return overlay[hostname]  # None when removed
+        return self._base.get(hostname)
+
     def __iter__(self) -> Iterator[str]:
         overlay = self._overlay
         for hostname in self._base:
@@ -241,6 +279,28 @@ class RouteTable(Mapping[str, Route]):
 
     def __reduce__(self) -> tuple[type[RouteTable], tuple[dict[str, Route]]]:
         return RouteTable, (dict(self.items()),)  # pickles (snapshots) flat
+
+
+def lookup_route(routes: Mapping[str, Route], name: str | None) -> Route | None:
+    """``RouteTable.lookup`` for any mapping of routes by hostname (states built
+    here always hold a :class:`RouteTable`; this also takes a plain dict)."""
+    if isinstance(routes, RouteTable):
+        return routes.lookup(name)
+    return RouteTable(routes).lookup(name)
+
+
+def route_matches(hostname: str, name: str | None) -> bool:
+    """Whether a route named ``hostname`` (exact, ``*.parent`` or ``*``) can serve
+    ``name``, regardless of other routes (see :meth:`RouteTable.lookup` for precedence)."""
+    if hostname == CATCH_ALL:
+        return True
+    if not name:
+        return False
+    key = name.lower().removesuffix(".")
+    if hostname.startswith("*."):
+        dot = key.find(".")
+        return dot > 0 and key[dot + 1 :] == hostname[2:]
+    return key == hostname
 
 
 def _freeze(routes: Mapping[str, Route]) -> RouteTable:

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mcproxy
@@ -55,6 +55,8 @@ HEARTBEAT_TIMEOUT = 10.0
 ABORT_GRACE = 2.0
 ACK_TIMEOUT = 5.0
 """How long an admin change waits for every worker's acknowledgement."""
+SEND_TIMEOUT = 10.0
+"""A worker that takes no byte of what we have queued for it for this long is killed."""
 STABLE_LIFETIME = 10.0
 """A worker that lived this long before dying is respawned at once; sooner is a crash loop."""
 MAX_BACKOFF = 30.0
@@ -84,6 +86,8 @@ class WorkerProcess:
     channel: socket.socket
     started: float
     decoder: pipe.FrameDecoder = field(default_factory=pipe.FrameDecoder)
+    outbox: pipe.Outbox = field(default_factory=pipe.Outbox)
+    """Frames the worker has not read yet; the loop writes them as the pipe drains."""
     generation: int = 0
     active_connections: int = 0
     listener_connections: Mapping[str, int] = field(default_factory=dict)
@@ -188,8 +192,8 @@ class Supervisor:
         return 0
 
     def wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
-            key.data(key.fileobj)
+        for key, events in self.selector.select(timeout):
+            key.data(key.fileobj, events)
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -198,7 +202,7 @@ class Supervisor:
         deadlines += [p.deadline for p in self.pending]
         return max(0.0, min(deadlines) - now)
 
-    def _drain_wakeups(self, _: object) -> None:
+    def _drain_wakeups(self, _: object, events: int = selectors.EVENT_READ) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -244,7 +248,7 @@ class Supervisor:
         worker = WorkerProcess(slot.index, process, parent_end, started=time.monotonic())
         slot.worker = worker
         parent_end.setblocking(False)
-        self.selector.register(parent_end, selectors.EVENT_READ, self._on_worker_readable)
+        self.selector.register(parent_end, selectors.EVENT_READ, self._on_worker_ready)
         boot = pipe.Boot(
             slot=slot.index,
             listen_fds=fds,
@@ -259,18 +263,32 @@ class Supervisor:
         self._send(worker, pipe.Snapshot(self.state))
         log.info("worker %d started (pid %d)", slot.index, worker.pid)
 
-    def _send(self, worker: WorkerProcess, message: pipe.Message) -> None:
-        """Write a whole frame; a worker too slow to take it is as good as dead."""
-        data = pipe.encode(message)
-        worker.channel.setblocking(True)
-        worker.channel.settimeout(ACK_TIMEOUT)
+    def _send(
+        self, worker: WorkerProcess, message: pipe.Message, fds: list[int] | None = None
+    ) -> None:
+        """Queue a frame for the worker and write what the pipe takes now; never blocks.
+
+        The rest goes out as the worker reads (:meth:`_on_worker_ready`); a worker
+        that takes nothing for SEND_TIMEOUT is killed by :meth:`kill_unresponsive`."""
+        self._send_encoded(worker, pipe.encode(message), fds or ())
+
+    def _send_encoded(self, worker: WorkerProcess, data: bytes, fds: Sequence[int] = ()) -> None:
+        worker.outbox.push(data, fds)
+        self._flush(worker)
+
+    def _flush(self, worker: WorkerProcess) -> None:
+        if worker.channel.fileno() < 0:
+            return
         try:
-            worker.channel.sendall(data)
+            done = worker.outbox.flush(worker.channel)
         except OSError as exc:
             log.warning("worker %d: pipe write failed (%s); killing it", worker.slot, exc)
             self._kill(worker, signal.SIGKILL)
-        finally:
-            worker.channel.setblocking(False)
+            done = True
+        events = selectors.EVENT_READ if done else selectors.EVENT_READ | selectors.EVENT_WRITE
+        with contextlib.suppress(KeyError, ValueError):
+            if self.selector.get_key(worker.channel).events != events:
+                self.selector.modify(worker.channel, events, self._on_worker_ready)
 
     def _worker_by_pipe(self, sock: object) -> WorkerProcess | None:
         for slot in self.slots:
@@ -278,10 +296,16 @@ class Supervisor:
                 return slot.worker
         return None
 
-    def _on_worker_readable(self, sock: object) -> None:
+    def _on_worker_ready(self, sock: object, events: int = selectors.EVENT_READ) -> None:
         worker = self._worker_by_pipe(sock)
         if worker is None:
             return
+        if events & selectors.EVENT_WRITE:
+            self._flush(worker)
+        if events & selectors.EVENT_READ:
+            self._read_worker(worker)
+
+    def _read_worker(self, worker: WorkerProcess) -> None:
         try:
             data = worker.channel.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
@@ -289,7 +313,8 @@ class Supervisor:
         except OSError:
             data = b""
         if not data:
-            self.selector.unregister(worker.channel)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(worker.channel)
             return  # the process is exiting; reap() collects it
         worker.last_seen = time.monotonic()
         try:
@@ -379,6 +404,17 @@ class Supervisor:
             if worker.aborted_at is not None:
                 if now - worker.aborted_at > ABORT_GRACE:
                     self._kill(worker, signal.SIGKILL)
+            elif worker.outbox and now - worker.outbox.progress_at > SEND_TIMEOUT:
+                log.error(
+                    "worker %d (pid %d) has not read its pipe for %.0fs (%d bytes waiting);"
+                    " killing it",
+                    slot.index,
+                    worker.pid,
+                    SEND_TIMEOUT,
+                    worker.outbox.pending_bytes,
+                )
+                self._kill(worker, signal.SIGKILL)
+                worker.aborted_at = now
             elif now - worker.last_seen > HEARTBEAT_TIMEOUT:
                 log.error("worker %d (pid %d) is unresponsive; aborting it", slot.index, worker.pid)
                 self._kill(worker, signal.SIGABRT)
@@ -452,9 +488,9 @@ class Supervisor:
                 continue
             self.state = new_state  # ...then the supervisor's state, then the workers
             live = [s.worker for s in self.slots if s.worker is not None]
-            delta = pipe.Delta(change, new_state.generation)
+            delta = pipe.encode(pipe.Delta(change, new_state.generation))
             for worker in live:
-                self._send(worker, delta)
+                self._send_encoded(worker, delta)
             waiting = {w.pid for w in live if w.generation < new_state.generation}
             self.pending.append(
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)

@@ -2,7 +2,7 @@
 
 The firewall asks :meth:`GeoIP.country` once per connection when country
 rules exist. The C reader walks the mapped file quickly but decodes the whole
-record (names in eight languages: a few microseconds), so answers are kept in
+record (names in eight languages; ``bench/admission.py`` times it), so answers are kept in
 a small per-worker cache, emptied when it fills up and on every reload.
 
 :meth:`GeoIP.refresh` is called about once a second from the worker's loop

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
+from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint
@@ -183,15 +183,11 @@ class ConnectionServer:
 
     @staticmethod
     def route(listener: Listener, hello: ClientHello) -> Route:
-        if hello.sni is None:
-            raise Refused(Reason.NO_ROUTE, "no SNI")
-        # Route keys are canonical, so an SNI equal to one is canonical (the usual case).
-        route = listener.routes.get(hello.sni)
+        # Exact, then *.parent, then the catch-all "*" (ARCHITECTURE.md, "Routing").
+        route = lookup_route(listener.routes, hello.sni)
         if route is None:
-            hostname = normalize_hostname(hello.sni)
-            route = listener.routes.get(hostname) if hostname else None
-        if route is None:
-            raise Refused(Reason.NO_ROUTE, f"unknown SNI {hello.sni!r}")
+            sni = hello.sni
+            raise Refused(Reason.NO_ROUTE, "no SNI" if sni is None else f"unknown SNI {sni!r}")
         return route
 
     @staticmethod

@@ -5,11 +5,11 @@ A connection is counted when it is accepted and, from its
 :class:`~mcproxy.worker.records.ConnectionRecord`, when it ends; an L7 request
 from its :class:`~mcproxy.worker.records.RequestRecord`. Those callbacks only
 note the record; :meth:`WorkerMetrics.flush` turns what was noted into metric
-updates at most :data:`FLUSH_INTERVAL` later, in one batch. Measured in a
-worker under load, updating the metrics of each connection as it ended cost
-~45 µs (8-9% of its CPU): each update is a lock, a ``getpid`` and an mmap
-write, cheap in a loop but slow on caches that the TLS relay has just
-evicted. In a batch the code and the mmap pages stay warm. The price: a
+updates at most :data:`FLUSH_INTERVAL` later, in one batch. Updating the
+metrics of each connection as it ended cost a worker under load several
+percent of its CPU (``bench/metrics_cost.py`` measures it): each update is a
+lock, a ``getpid`` and an mmap write, cheap in a loop but slow on caches that
+the TLS relay has just evicted. In a batch the code and the mmap pages stay warm. The price: a
 worker killed by SIGKILL loses the counts of its last ~0.1 s (a worker that
 exits flushes first). The active-connections gauge is set in the same batch
 from the server's own per-listener count.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Route
+from mcproxy.model import Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import CertStore
@@ -62,8 +62,11 @@ class _Session:
         )
 
     def _lookup(self) -> Route | None:
+        # The SNI's route now (ARCHITECTURE.md, "Routing"); another one than the
+        # handshake's (removed, or a more specific route added) answers 421.
         listener = self.proxy.server.state.listeners.get(self.record.listener)
-        return listener.routes.get(self.hostname) if listener is not None else None
+        route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
+        return route if route is not None and route.hostname == self.hostname else None
 
     def _group_for(self, route: Route) -> BackendGroup:
         key = BackendKey(route.backend, route.backend_tls)
