@@ -30,6 +30,7 @@ import websockets
 
 from tests.certs import CA, issue, issue_client, make_ca
 from tests.e2e.h1backend import H1Backend
+from tests.e2e.h2backend import H2Backend
 from tests.e2e.harness import ProxyProcess, client_context, free_port, pattern, wait_for
 from tests.e2e.test_l7 import LineReader, curl, l7_route, status_and_body
 
@@ -71,6 +72,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     ca = make_ca()
     ca_file = ca.write(directory)
     backend = H1Backend()
+    h2_backend = H2Backend()
     # A TLS backend addressed by IP whose certificate names backend.test, which asks
     # for a client certificate from our CA (mTLS to the backend).
     secure = H1Backend(
@@ -99,10 +101,11 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         l7_route(directory, ca, "secure.test", secure.addr, **h1, **trust, **mtls),
         l7_route(directory, ca, "nocert.test", secure.addr, **h1, **trust),
         l7_route(
-            directory, ca, "wrongca.test", secure.addr, **h1, **trust, backend_ca=str(stranger_file)
+            directory, ca, "wrongca.test", secure.addr, **h1, **{**trust, "backend_ca": str(stranger_file)}
         ),
         l7_route(directory, ca, "clients.test", backend.addr, **h1, client_ca=str(clients_file)),
         l7_route(directory, ca, "h2.test", backend.addr),  # an h2 route to an h1 app: 502
+        l7_route(directory, ca, "clients-h2.test", h2_backend.addr, client_ca=str(clients_file)),
     ]
     app = App(directory, ca, port, backend)
     app.clients_ca = clients
@@ -114,6 +117,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     finally:
         backend.close()
         secure.close()
+        h2_backend.close()
 
 
 # --- HTTP/1.1 backends ------------------------------------------------------------------------
@@ -344,3 +348,17 @@ def test_client_ca_needs_a_client_certificate_and_forwards_it(app: App) -> None:
     result = curl(app.port, app.ca_file, "/headers", "--cert", str(cert), "--key", str(key),
                   host="clients.test")
     assert result.returncode != 0
+
+
+def test_client_ca_works_on_an_h2_route_too(app: App) -> None:
+    cert, key = _client_cert(app, "bob")
+    status, body = app.curl(
+        "/headers", "--cert", str(cert), "--key", str(key), "-H", "X-Forwarded-Client-Cert: x",
+        host="clients-h2.test",
+    )
+    assert status == 200
+    fields = [value for name, value in json.loads(body)["headers"]
+              if name == "x-forwarded-client-cert"]
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert fields == [f'Hash={hashlib.sha256(der).hexdigest()};Subject="CN=bob"']
+    assert curl(app.port, app.ca_file, "/headers", host="clients-h2.test").returncode != 0

@@ -59,7 +59,6 @@ __all__ = [
     "SEND_SIZE",
     "H1Back",
     "H1BackEndpoint",
-    "is_websocket",
 ]
 
 log = logging.getLogger("mcproxy.l7")
@@ -75,19 +74,6 @@ _NO_BODY_EXPECTED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"}
 _WS_RESPONSE_FIELDS = frozenset(
     {b"sec-websocket-accept", b"sec-websocket-protocol", b"sec-websocket-extensions"}
 )
-
-
-def is_websocket(head: Headers) -> bool:
-    """An extended CONNECT for a WebSocket (the form both client legs hand over)."""
-    method = protocol = b""
-    for name, value in head:
-        if name == b":method":
-            method = value
-        elif name == b":protocol":
-            protocol = value
-        elif not name.startswith(b":"):
-            break
-    return method == b"CONNECT" and protocol.lower() == b"websocket"
 
 
 class H1BackEndpoint:
@@ -122,6 +108,9 @@ class H1BackEndpoint:
 
     def reset(self, code: int) -> None:
         self.leg.abort()
+
+    def close_after_response(self) -> None:
+        return None  # a backend connection is kept alive or closed by its own rules
 
     def stop_request(self) -> None:  # pragma: no cover - a backend is never a client
         raise AssertionError("a backend leg has no request to stop")

@@ -22,7 +22,7 @@ from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
-from mcproxy.worker.l7.certs import CertStore
+from mcproxy.worker.l7.certs import CertStore, client_cert_header
 from mcproxy.worker.l7.channel import Channel, handshake
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
@@ -43,7 +43,13 @@ log = logging.getLogger("mcproxy.l7")
 class _Session:
     """One client connection after its handshake: a leg, its router, its idle timer."""
 
-    def __init__(self, proxy: L7Proxy, record: ConnectionRecord, route: Route) -> None:
+    def __init__(
+        self,
+        proxy: L7Proxy,
+        record: ConnectionRecord,
+        route: Route,
+        client_cert: bytes | None = None,
+    ) -> None:
         self.proxy = proxy
         self.record = record
         self.hostname = route.hostname
@@ -60,6 +66,7 @@ class _Session:
             hostname=route.hostname,
             on_dial=self._dialed,
             route_for=self._route_for,
+            client_cert=client_cert,
         )
 
     def _lookup(self) -> Route | None:
@@ -189,7 +196,7 @@ class L7Proxy:
         route = record.route
         assert route is not None and route.tls_cert is not None and route.tls_key is not None
         try:
-            context = self.certs.context(route.tls_cert, route.tls_key)
+            context = self.certs.context(route.tls_cert, route.tls_key, route.client_ca)
         except (OSError, ssl.SSLError) as exc:
             record.outcome, record.detail = "tls_error", f"certificate: {exc}"
             reset(sock)
@@ -216,7 +223,8 @@ class L7Proxy:
         finally:
             record.bytes_up += counts[0]
             record.bytes_down += counts[1]
-        session = _Session(self, record, route)
+        der = tls.peer_certificate() if route.client_ca else None
+        session = _Session(self, record, route, client_cert_header(der) if der else None)
         self.sessions.add(session)
         try:
             record.outcome = await session.run(sock, tls)

@@ -30,11 +30,25 @@ __all__ = [
     "TUNNEL_HIGH_WATER",
     "ClientTunnel",
     "as_extended_connect",
+    "is_websocket",
     "is_websocket_upgrade",
 ]
 
 TUNNEL_HIGH_WATER = 256 * 1024
 SEND_SIZE = 64 * 1024
+
+
+def is_websocket(head: Headers) -> bool:
+    """An extended CONNECT for a WebSocket (the form both client legs hand over)."""
+    method = protocol = b""
+    for name, value in head:
+        if name == b":method":
+            method = value
+        elif name == b":protocol":
+            protocol = value
+        elif not name.startswith(b":"):
+            break
+    return method == b"CONNECT" and protocol.lower() == b"websocket"
 
 
 def is_websocket_upgrade(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -155,6 +169,9 @@ class ClientTunnel:
         self.io.abort()
 
     def stop_request(self) -> None:
+        self.end()
+
+    def close_after_response(self) -> None:
         self.end()
 
     def release(self) -> None:
