@@ -59,6 +59,9 @@ class Client:
     def stop_request(self) -> None:
         self.stopped = True
 
+    def close_after_response(self) -> None:
+        return None
+
     def release(self) -> None:
         return None
 

@@ -172,9 +172,7 @@ def test_backend_mtls_presents_the_client_certificate(tmp_path: Path, ca: CA) ->
     client_cert, client_key = issue_client(ca, "mc-proxy", tmp_path)
     ca_path = ca.write(tmp_path)
     server = TlsSession(server_context(str(cert), str(key), str(ca_path)), server_side=True)
-    trust = BackendTrust(
-        ca=str(ca_path), client_cert=str(client_cert), client_key=str(client_key)
-    )
+    trust = BackendTrust(ca=str(ca_path), client_cert=str(client_cert), client_key=str(client_key))
     context = BackendContexts().context(trust, "http/1.1")
     client = TlsSession(context, server_side=False, server_hostname="backend.test")
     _handshake(client, server)

@@ -112,9 +112,7 @@ class CertStore:
                 return self._load(cert_path, key_path)
             return self._load(cert_path, key_path, client_ca)
 
-        return self._cache.get(
-            (cert_path, key_path, client_ca), load, f"certificate {cert_path}"
-        )
+        return self._cache.get((cert_path, key_path, client_ca), load, f"certificate {cert_path}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,12 @@ class H1Back(PooledConnection):
         self._reading_paused = False
         self._resume_scheduled = False
 
+    head_deadline: float | None = None
+    """A backend sends no request heads (the channel asks every leg)."""
+
+    def check_deadline(self) -> None:
+        return None
+
     # --- the pool's interface (pool.BackendConnection) -------------------------------------
 
     def stream_limit(self) -> int:

@@ -31,9 +31,7 @@ BACKEND_CA_ENV = "MCPROXY_BACKEND_CA"
 _READ_SIZE = 256 * 1024
 
 
-def server_context(
-    cert_path: str, key_path: str, client_ca: str | None = None
-) -> ssl.SSLContext:
+def server_context(cert_path: str, key_path: str, client_ca: str | None = None) -> ssl.SSLContext:
     """The client-facing context of an L7 route: TLS 1.2 minimum, ALPN h2 and http/1.1.
 
     With ``client_ca`` the handshake requires a client certificate issued by

@@ -56,9 +56,7 @@ def is_websocket_upgrade(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     upgrade = connection = False
     for name, value in headers:
         if name == b"upgrade":
-            upgrade = upgrade or any(
-                t.strip().lower() == b"websocket" for t in value.split(b",")
-            )
+            upgrade = upgrade or any(t.strip().lower() == b"websocket" for t in value.split(b","))
         elif name == b"connection":
             connection = connection or any(
                 t.strip().lower() == b"upgrade" for t in value.split(b",")
