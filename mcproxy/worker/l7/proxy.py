@@ -59,6 +59,7 @@ class _Session:
             on_finished=self._finished,
             hostname=route.hostname,
             on_dial=self._dialed,
+            route_for=self._route_for,
         )
 
     def _lookup(self) -> Route | None:
@@ -67,6 +68,11 @@ class _Session:
         listener = self.proxy.server.state.listeners.get(self.record.listener)
         route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
         return route if route is not None and route.hostname == self.hostname else None
+
+    def _route_for(self, name: str) -> Route | None:
+        """The route serving ``name`` on this listener, matched as SNI is (for 421)."""
+        listener = self.proxy.server.state.listeners.get(self.record.listener)
+        return lookup_route(listener.routes, name) if listener is not None else None
 
     def _group_for(self, route: Route) -> BackendGroup:
         key = BackendKey(route.backend, route.backend_tls)
@@ -111,10 +117,11 @@ class _Session:
     async def run(self, sock: socket.socket, tls: TlsSession) -> str:
         loop = self.proxy.loop
         channel = Channel(loop, tls, early=tls.read(), pause_reading_when_full=True)
+        head_timeout = self.proxy.timeouts.handshake_timeout
         if tls.alpn == ALPN_H2:
-            self.leg = H2Front(channel, self.router)
+            self.leg = H2Front(channel, self.router, head_timeout=head_timeout)
         else:
-            self.leg = H11Front(channel, self.router, self.hostname)
+            self.leg = H11Front(channel, self.router, self.hostname, head_timeout=head_timeout)
         channel.leg = self.leg
         self.channel = channel
         await loop.connect_accepted_socket(lambda: channel, sock)

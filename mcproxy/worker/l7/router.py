@@ -16,7 +16,14 @@ from collections.abc import Callable
 
 from mcproxy.model import Mode, Route
 from mcproxy.worker.l7.bridge import Endpoint, Exchange
-from mcproxy.worker.l7.headers import Headers, blocked_by, for_backend
+from mcproxy.worker.l7.headers import (
+    MAX_HEADER_LIST_SIZE,
+    Headers,
+    blocked_by,
+    for_backend,
+    header_list_size,
+    refusal,
+)
 from mcproxy.worker.l7.pool import BackendGroup
 
 __all__ = ["Router"]
@@ -35,6 +42,7 @@ class Router:
         hostname: str,
         clock: Callable[[], float] = time.monotonic,
         on_dial: Callable[[float], None] | None = None,
+        route_for: Callable[[str], Route | None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._client_ip = client_ip
@@ -44,6 +52,8 @@ class Router:
         self._clock = clock
         self._on_dial = on_dial
         self.open_exchanges = 0
+        self._route_for = route_for
+        """The route of a hostname on this listener (421 when it is not ours)."""
 
     def open(self, client: Endpoint, head: Headers, ended: bool) -> Exchange:
         """An exchange for this request; ``home`` is its backend group unless answered locally.
@@ -67,11 +77,17 @@ class Router:
             exchange.respond_locally(421, "the route is gone or no longer L7")
         elif method == "CONNECT":
             exchange.respond_locally(501, "CONNECT is not supported")
+        elif (refused := refusal(head, route, self._route_for)) is not None:
+            exchange.respond_locally(*refused)
         elif (policy := blocked_by(route.policies, head)) is not None:
             exchange.respond_locally(403, f"policy {policy.kind}", blocked_by=policy.kind)
         else:
-            exchange.request.head = for_backend(head, self._client_ip)
-            exchange.home = self._group_for(route)
+            forwarded = for_backend(head, self._client_ip)
+            if header_list_size(forwarded) > MAX_HEADER_LIST_SIZE:
+                exchange.respond_locally(431, "header list too large once forwarded")
+            else:
+                exchange.request.head = forwarded
+                exchange.home = self._group_for(route)
         return exchange
 
     def _finished(self, exchange: Exchange) -> None:
