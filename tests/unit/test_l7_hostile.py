@@ -45,7 +45,7 @@ class Clock:
 
 OTHER = Route(
     hostname="other.test",
-    backend=Address("127.0.0.1", 9000),
+    backends=(Address("127.0.0.1", 9000),),
     mode=Mode.L7,
     tls_cert="/c.pem",
     tls_key="/k.pem",
