@@ -230,9 +230,10 @@ class Channel(asyncio.Protocol):
 
 
 async def handshake(
-    sock: socket.socket, tls: TlsSession, deadline: float, counts: list[int] | None = None
+    sock: socket.socket, tls: TlsSession, deadline: float | None, counts: list[int] | None = None
 ) -> None:
-    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time).
+    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time;
+    None: the caller bounds it, as the backend pool does with ``connect_timeout``).
 
     Raises TimeoutError, ssl.SSLError, or OSError/ConnectionError. ``counts``
     collects [bytes received, bytes sent].

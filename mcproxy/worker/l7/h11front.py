@@ -150,6 +150,9 @@ class H11Endpoint:
     def reset(self, code: int) -> None:
         self.leg.abort("reset")
 
+    def close_after_response(self) -> None:
+        self.leg.begin_drain()  # Connection: close on the response, then close
+
     def stop_request(self) -> None:
         self.leg.stop_request()
 

@@ -88,6 +88,9 @@ class H2Endpoint:
     def reset(self, code: int) -> None:
         self.leg.reset_stream(self.stream_id, code)
 
+    def close_after_response(self) -> None:
+        return None  # one stream of many: the connection stays
+
     def stop_request(self) -> None:
         self.leg.stop_request(self.stream_id)
 
