@@ -18,14 +18,14 @@ from mcproxy.model import Address, Route, RouteTable
 
 def build(n: int, overlay: int) -> RouteTable:
     routes: dict[str, Route] = {}
-    backend = Address("127.0.0.1", 9000)
+    backends = (Address("127.0.0.1", 9000),)
     for i in range(n):
         name = f"*.zone{i}.test" if i % 10 == 0 else f"h{i}.zone{i // 10 * 10}.test"
-        routes[name] = Route(name, backend)
-    routes["*"] = Route("*", backend)
+        routes[name] = Route(name, backends)
+    routes["*"] = Route("*", backends)
     table = RouteTable(routes)
     for i in range(overlay):  # changes not yet folded into the base
-        table = table.with_route(Route(f"new{i}.test", backend))
+        table = table.with_route(Route(f"new{i}.test", backends))
     return table
 
 

@@ -136,6 +136,12 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
         generation = self._change(context, lambda state: convert.remove_route(state, request))
         return pb.RemoveRouteResponse(generation=generation)
 
+    def UpdateRoute(
+        self, request: pb.UpdateRouteRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateRouteResponse:
+        generation = self._change(context, lambda state: convert.update_route(state, request))
+        return pb.UpdateRouteResponse(generation=generation)
+
     # --- firewall ---------------------------------------------------------------------
 
     def GetFirewallRules(
@@ -166,6 +172,36 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
     ) -> pb.SetListenerMaxConnectionsResponse:
         generation = self._change(context, lambda state: convert.max_connections(state, request))
         return pb.SetListenerMaxConnectionsResponse(generation=generation)
+
+    # Not yet served (DESIGN.md, "Second batch"): the helpers that build runtime
+    # listeners and export/apply replace these.
+
+    def ListListeners(
+        self, request: pb.ListListenersRequest, context: grpc.ServicerContext
+    ) -> pb.ListListenersResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListListeners is not implemented yet")
+
+    def AddListener(
+        self, request: pb.AddListenerRequest, context: grpc.ServicerContext
+    ) -> pb.AddListenerResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "AddListener is not implemented yet")
+
+    def RemoveListener(
+        self, request: pb.RemoveListenerRequest, context: grpc.ServicerContext
+    ) -> pb.RemoveListenerResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "RemoveListener is not implemented yet")
+
+    # --- state ------------------------------------------------------------------------
+
+    def ExportState(
+        self, request: pb.ExportStateRequest, context: grpc.ServicerContext
+    ) -> pb.ExportStateResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportState is not implemented yet")
+
+    def ApplyState(
+        self, request: pb.ApplyStateRequest, context: grpc.ServicerContext
+    ) -> pb.ApplyStateResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ApplyState is not implemented yet")
 
     # --- L7 policies ------------------------------------------------------------------
 

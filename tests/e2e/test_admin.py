@@ -247,15 +247,15 @@ def test_every_rpc_round_trips_through_the_client(
         assert setup.refused("beta.test")
         web = Route(
             "web.test",
-            Address("127.0.0.1", 9),
+            (Address("127.0.0.1", 9),),
             Mode.L7,
             tls_cert=cert,
             tls_key=key,
             policies=(L7Policy(PolicyKind.BLOCK_USER_AGENT, "BadBot"),),
         )
         expected_routes = [
-            ListedRoute(listener, Route("alpha.test", Address("127.0.0.1", alpha.port))),
-            ListedRoute(listener, Route("gamma.test", Address("127.0.0.1", gamma.port))),
+            ListedRoute(listener, Route("alpha.test", (Address("127.0.0.1", alpha.port),))),
+            ListedRoute(listener, Route("gamma.test", (Address("127.0.0.1", gamma.port),))),
             ListedRoute(listener, web),
         ]
         assert admin.list_routes() == expected_routes

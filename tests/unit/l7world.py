@@ -33,7 +33,7 @@ CLIENT_IP = "192.0.2.7"
 READ_SIZE = 64 * 1024
 ROUTE = Route(
     hostname="web.test",
-    backend=Address("127.0.0.1", 9000),
+    backends=(Address("127.0.0.1", 9000),),
     mode=Mode.L7,
     tls_cert="/c.pem",
     tls_key="/k.pem",
@@ -362,7 +362,7 @@ class World:
 def policy_route(*policies: L7Policy) -> Route:
     return Route(
         hostname=ROUTE.hostname,
-        backend=ROUTE.backend,
+        backends=ROUTE.backends,
         mode=Mode.L7,
         tls_cert=ROUTE.tls_cert,
         tls_key=ROUTE.tls_key,

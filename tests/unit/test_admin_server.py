@@ -52,7 +52,7 @@ class FakeSupervisor:
     """Applies each change at once, or fails it with ``fail`` (as the loop would)."""
 
     def __init__(self) -> None:
-        route = Route("alpha.test", Address("127.0.0.1", 9001))
+        route = Route("alpha.test", (Address("127.0.0.1", 9001),))
         self.state: ProxyState = make_state(
             1, [Listener(Address("127.0.0.1", 8443), routes={"alpha.test": route})], FirewallRules()
         )
@@ -195,14 +195,14 @@ def test_every_call_round_trips(client: AdminClient, fake: FakeSupervisor, tmp_p
     assert client.set_listener_max_connections(LISTENER, 50) == 5
     beta = Route(
         "beta.test",
-        Address("127.0.0.1", 9002),
+        (Address("127.0.0.1", 9002),),
         Mode.L7,
         tls_cert=cert,
         tls_key=key,
         policies=(L7Policy(PolicyKind.BLOCK_USER_AGENT, "BadBot"),),
     )
     assert client.list_routes() == [
-        ListedRoute(LISTENER, Route("alpha.test", Address("127.0.0.1", 9001))),
+        ListedRoute(LISTENER, Route("alpha.test", (Address("127.0.0.1", 9001),))),
         ListedRoute(LISTENER, beta),
     ]
     assert client.list_routes(LISTENER) == client.list_routes()

@@ -441,7 +441,7 @@ def test_a_broken_backend_does_not_take_down_streams_to_another_backend() -> Non
     client = world.h2_client()
     doomed = client.request("/a")
     world.run()
-    world.route = replace(ROUTE, backend=Address("127.0.0.1", 9001))
+    world.route = replace(ROUTE, backends=(Address("127.0.0.1", 9001),))
     healthy = client.request("/b")
     world.run()
     broken, fine = world.backends

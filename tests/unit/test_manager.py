@@ -188,7 +188,7 @@ def big_snapshot() -> Any:
     from mcproxy import pipe
     from mcproxy.model import Address, FirewallRules, Listener, Route, make_state
 
-    routes = {f"h{i}.test": Route(f"h{i}.test", Address("127.0.0.1", 1)) for i in range(20_000)}
+    routes = {f"h{i}.test": Route(f"h{i}.test", (Address("127.0.0.1", 1),)) for i in range(20_000)}
     return pipe.Snapshot(
         make_state(1, [Listener(Address("127.0.0.1", 1), routes=routes)], FirewallRules())
     )

@@ -29,7 +29,7 @@ STATE = make_state(
     [
         Listener(
             Address("127.0.0.1", 8443),
-            routes={"a.test": Route("a.test", Address("127.0.0.1", 9000))},
+            routes={"a.test": Route("a.test", (Address("127.0.0.1", 9000),))},
         )
     ],
     FirewallRules(blocked_ips=frozenset({"192.0.2.1"})),
@@ -38,7 +38,7 @@ STATE = make_state(
 MESSAGES: list[pipe.Message] = [
     pipe.Boot(slot=1, listen_fds={"127.0.0.1:8443": 5}, timeouts=ProxyTimeouts()),
     pipe.Snapshot(STATE),
-    pipe.Delta(RouteAdded("127.0.0.1:8443", Route("b.test", Address("::1", 1))), 8),
+    pipe.Delta(RouteAdded("127.0.0.1:8443", Route("b.test", (Address("::1", 1),))), 8),
     pipe.Ack(8),
     pipe.Heartbeat(generation=8, active_connections=3),
 ]
@@ -220,7 +220,7 @@ def _big_state(routes: int) -> Any:
             Listener(
                 Address("127.0.0.1", 8443),
                 routes={
-                    f"h{i}.test": Route(f"h{i}.test", Address("127.0.0.1", 9000))
+                    f"h{i}.test": Route(f"h{i}.test", (Address("127.0.0.1", 9000),))
                     for i in range(routes)
                 },
             )

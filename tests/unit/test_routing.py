@@ -17,7 +17,7 @@ from mcproxy.model import (
 
 
 def _route(name: str, port: int = 9) -> Route:
-    return Route(name, Address("127.0.0.1", port))
+    return Route(name, (Address("127.0.0.1", port),))
 
 
 def _table(*names: str) -> RouteTable:

@@ -14,8 +14,8 @@ from mcproxy.worker.metrics import FLUSH_INTERVAL, WorkerMetrics, method_class, 
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
 LISTENER = "127.0.0.1:8443"
-ALPHA = Route("alpha.test", Address("127.0.0.1", 9001))
-WEB = Route("web.test", Address("127.0.0.1", 9002), mode=Mode.L7)
+ALPHA = Route("alpha.test", (Address("127.0.0.1", 9001),))
+WEB = Route("web.test", (Address("127.0.0.1", 9002),), mode=Mode.L7)
 
 
 @pytest.fixture
