@@ -19,6 +19,7 @@ Figures are wall-clock on whatever machine runs them; say how loaded it was.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import signal
@@ -36,7 +37,7 @@ from tests.e2e.harness import ProxyProcess, free_port, wait_for
 
 def build(routes: int, listener: str) -> object:
     table = {
-        f"host{i}.bench.test": Route(f"host{i}.bench.test", Address("127.0.0.1", 9))
+        f"host{i}.bench.test": Route(f"host{i}.bench.test", (Address("127.0.0.1", 9),))
         for i in range(routes)
     }
     addr = Address("127.0.0.1", int(listener.rsplit(":", 1)[1]))
@@ -80,6 +81,10 @@ def serving_lines(proxy: ProxyProcess) -> int:
     return len(re.findall(r"worker \d+ serving generation", proxy.log()))
 
 
+def _more_serving(proxy: ProxyProcess, before: int) -> bool:
+    return serving_lines(proxy) > before
+
+
 def end_to_end(routes: int, workers: int, runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="mcproxy-bench-") as directory:
         port = free_port()
@@ -106,7 +111,7 @@ def end_to_end(routes: int, workers: int, runs: int) -> None:
                 before = serving_lines(proxy)
                 started = time.perf_counter()
                 os.kill(victim, signal.SIGKILL)
-                wait_for(lambda b=before: serving_lines(proxy) > b, 120, "a respawned worker")
+                wait_for(functools.partial(_more_serving, proxy, before), 120, "a respawned worker")
                 respawns.append(time.perf_counter() - started)
                 time.sleep(0.5)
         finally:

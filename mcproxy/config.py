@@ -169,7 +169,8 @@ class _StrictLoader(_SafeLoader):  # type: ignore[misc]
                         None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
                     )
                 seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep)
+        return mapping
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
