@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import argcomplete
+import grpc
 from argcomplete.completers import ChoicesCompleter
 
 from mcproxy import __version__
@@ -482,7 +483,87 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="V",
             help="a User-Agent substring, or a header name",
         )
+
+    command(
+        commands,
+        "export",
+        cmd_export,
+        "print the state as YAML",
+        "Print listeners, routes, policies and firewall rules as YAML in the config"
+        " file's schema (no process settings). `mc-proxy check` accepts it, it seeds a"
+        " new node, and `apply -f` makes a node's state equal to it.",
+    )
+    sub = command(
+        commands,
+        "apply",
+        cmd_apply,
+        "make the state equal to a YAML file",
+        "Make the state equal to FILE (the config file's schema, as `export` prints it)"
+        " in one change: one transaction, one generation, live on every worker when the"
+        " command returns. Prints what it adds (+), updates (~) and removes (-). A file"
+        " with any problem changes nothing and exits 1 naming each field. Process"
+        " settings in FILE are ignored, with a note. Applying the same file twice is a"
+        " no-op.",
+    )
+    sub.add_argument("-f", "--file", required=True, metavar="FILE", help="the desired state, YAML")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
     return parser
+
+
+# --- export / apply ---------------------------------------------------------------
+
+
+def cmd_export(client: AdminClient, args: argparse.Namespace) -> object:
+    text, generation = client.export_state()
+    if not args.json:
+        sys.stdout.write(text)
+    return {"generation": generation, "yaml": text}
+
+
+_SIGNS = {"add": "+", "update": "~", "remove": "-"}
+
+
+def cmd_apply(client: AdminClient, args: argparse.Namespace) -> object:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"{args.file}: {exc}") from None
+    result = client.apply_state(text, dry_run=args.dry_run, source_name=os.path.abspath(args.file))
+    if not args.json:
+        rows = [
+            (_SIGNS.get(c.action, c.action), c.kind, c.listener, c.name, c.detail)
+            for c in result.changes
+        ]
+        if rows:
+            print(table(("", "KIND", "LISTENER", "NAME", "DETAIL"), rows))
+        for note in result.notes:
+            print(f"note: {note}")
+        count = f"{len(rows)} change{'s' if len(rows) != 1 else ''}"
+        if args.dry_run:
+            print(f"dry run: {count}; nothing changed (generation {result.generation})")
+        elif result.changed:
+            print(f"applied {count}: generation {result.generation}")
+        else:
+            print(f"no changes: the state already matches (generation {result.generation})")
+    return {
+        "changes": [
+            {
+                "action": c.action,
+                "kind": c.kind,
+                "listener": c.listener,
+                "name": c.name,
+                "detail": c.detail,
+            }
+            for c in result.changes
+        ],
+        "generation": result.generation,
+        "changed": result.changed,
+        "dry_run": bool(args.dry_run),
+        "notes": result.notes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

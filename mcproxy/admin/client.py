@@ -29,9 +29,17 @@ from mcproxy.admin import convert
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.model import FirewallRules, L7Policy, Route
+from mcproxy.statefile import PlannedChange
 from mcproxy.supervisor.status import Status
 
-__all__ = ["DEFAULT_SOCKET", "AdminClient", "AdminError", "ListedRoute", "default_socket"]
+__all__ = [
+    "DEFAULT_SOCKET",
+    "AdminClient",
+    "AdminError",
+    "AppliedState",
+    "ListedRoute",
+    "default_socket",
+]
 
 DEFAULT_SOCKET = "/srv/mc-proxy/admin.sock"
 DEFAULT_TIMEOUT = 30.0
@@ -61,6 +69,17 @@ class AdminError(Exception):
 class ListedRoute:
     listener: str
     route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedState:
+    """What ``apply_state`` did (or, with ``dry_run``, would do)."""
+
+    changes: list[PlannedChange]
+    generation: int
+    """The generation carrying the change; the current one when nothing changed."""
+    changed: bool
+    notes: list[str]
 
 
 class AdminClient:
@@ -200,6 +219,36 @@ class AdminClient:
             listener=listener, hostname=hostname, type=kind, value=value
         )
         return self._call(self._stub.RemoveL7Policy, request, pb.RemoveL7PolicyResponse).generation
+
+    # --- state as a file ------------------------------------------------------------
+
+    def export_state(self) -> tuple[str, int]:
+        """The state as YAML in the config file's schema, and its generation."""
+        response = self._call(
+            self._stub.ExportState, pb.ExportStateRequest(), pb.ExportStateResponse
+        )
+        return response.yaml, response.generation
+
+    def apply_state(
+        self, text: str, *, dry_run: bool = False, source_name: str = ""
+    ) -> AppliedState:
+        """Make the state equal to the YAML document ``text``, as one change.
+
+        ``source_name`` names the document in problems; when it is a path,
+        relative paths inside the document resolve against its directory.
+        A document with problems raises INVALID_ARGUMENT naming each field.
+        """
+        request = pb.ApplyStateRequest(yaml=text, dry_run=dry_run, source_name=source_name)
+        response = self._call(self._stub.ApplyState, request, pb.ApplyStateResponse)
+        return AppliedState(
+            changes=[
+                PlannedChange(c.action, c.kind, c.listener, c.name, c.detail)
+                for c in response.changes
+            ],
+            generation=response.generation,
+            changed=response.changed,
+            notes=list(response.notes),
+        )
 
     # --- status -----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from mcproxy.model import PolicyKind
 from mcproxy.worker.l7.headers import Headers, status_of
 
 if TYPE_CHECKING:
-    from mcproxy.worker.l7.pool import BackendGroup
+    from mcproxy.worker.l7.pool import BackendPool
 
 __all__ = ["Endpoint", "Exchange", "Flow", "LegIO", "local_response"]
 
@@ -87,6 +87,9 @@ class Endpoint(Protocol):
 
     def reset(self, code: int) -> None:
         """Abort this stream (for HTTP/1.1: the connection)."""
+
+    def close_after_response(self) -> None:
+        """Close the connection once the response in progress is out (HTTP/1.1; HTTP/2: no-op)."""
 
     def stop_request(self) -> None:
         """The response is complete and the rest of the request body is not wanted.
@@ -160,6 +163,7 @@ class Flow:
 
     def receive_head(self, headers: Headers, ended: bool) -> None:
         self.head = headers
+        self.exchange.moved += 1
         if ended:
             self.ended = True
         self.pump()
@@ -173,6 +177,7 @@ class Flow:
             self.src.ack(len(data))
             return
         if data:
+            self.exchange.moved += 1
             self.chunks.append(data)
             self.buffered += len(data)
             self.pump()
@@ -181,6 +186,7 @@ class Flow:
         if self.ended:
             return
         self.ended = True
+        self.exchange.moved += 1
         if trailers:
             self.trailers = trailers
         if self.discarding:
@@ -213,6 +219,7 @@ class Flow:
                 return
             end = self.ended and not self.chunks and self.trailers is None
             self.head_sent = True
+            self.exchange.moved += 1
             dst.send_head(self.head, end)
             if self.discarding or self.done:  # the send failed and dropped this flow
                 return
@@ -230,6 +237,7 @@ class Flow:
                 piece, self.chunks[0] = chunk[:room], chunk[room:]
             self.buffered -= len(piece)
             self.forwarded += len(piece)
+            self.exchange.moved += 1
             end = not self.chunks and self.ended and self.trailers is None
             dst.send_data(piece, end)
             self.src.ack(len(piece))
@@ -268,9 +276,13 @@ class Exchange:
 
     ``request`` goes from the client endpoint to the backend endpoint, which
     is ``None`` until a backend stream is opened for it (it may wait in a
-    :class:`~mcproxy.worker.l7.pool.BackendGroup` queue); ``response`` goes
+    :class:`~mcproxy.worker.l7.pool.BackendPool` queue); ``response`` goes
     the other way. ``on_finished`` is called once, when both are done or
     the exchange was reset.
+
+    ``moved`` counts progress (a head, a chunk received or forwarded, an end,
+    either way); the router's deadline sweep calls :meth:`timed_out` when it
+    has not changed for ``idle_timeout``.
     """
 
     def __init__(
@@ -290,10 +302,16 @@ class Exchange:
         """The backend stream, while it is usable."""
         self.attached: Endpoint | None = None
         """The backend stream to release when the exchange ends."""
-        self.group: BackendGroup | None = None
-        """The group whose queue holds this exchange, while it waits for a stream."""
-        self.home: BackendGroup | None = None
-        """The group this exchange was submitted to (for a retry)."""
+        self.group: BackendPool | None = None
+        """The pool whose queue holds this exchange, while it waits for a stream."""
+        self.home: BackendPool | None = None
+        """The pool this exchange goes to (the router chose it; kept for a retry)."""
+        self.owner: object = client
+        """The client connection, for the pool's fair share (the router sets it)."""
+        self.moved = 0
+        self.seen = 0
+        self.stale = 0
+        """Deadline sweeps in a row that saw no progress."""
         self.status = 0
         self.blocked_by: PolicyKind | None = None
         self.requeues = 0
@@ -370,6 +388,27 @@ class Exchange:
             return
         self.response.drop()
         self._reset_client(code)
+
+    def timed_out(self) -> None:
+        """No progress for ``idle_timeout``: reset both legs (HTTP/1.1, nothing sent: 408)."""
+        if self.finished:
+            return
+        detail = "no progress within idle_timeout"
+        if self.group is not None:
+            self.group.withdraw(self)
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.reset(ErrorCodes.CANCEL)
+        if not self.client.resettable and not self.response.head_sent:
+            if self.response.buffered:  # from the backend stream just reset: free its window
+                self.response.src.ack(self.response.buffered)
+            self.client.close_after_response()
+            self.respond_locally(408, detail)
+            return
+        self.detail = detail
+        self.request.drop()
+        self.response.drop()
+        self._reset_client(ErrorCodes.CANCEL)
 
     def backend_failed(self, status: int, detail: str) -> None:
         """No backend stream, or its connection broke: a local error or a reset to the client."""

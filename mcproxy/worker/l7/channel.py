@@ -7,6 +7,11 @@ flushed once per event-loop iteration (``wake`` schedules it), so the many
 small writes an exchange makes coalesce. A client transport whose write
 buffer is full stops reading too, so a client that does not read cannot make
 the proxy queue its PING or SETTINGS answers.
+
+A client leg that is receiving a request head has a ``head_deadline``; the
+channel keeps one timer for it and asks the leg to ``check_deadline()`` when
+it passes (the leg decides: 408, or a GOAWAY), so a head trickled a byte at a
+time is cut however steadily it trickles.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -61,6 +67,7 @@ class Channel(asyncio.Protocol):
         self._leg_paused = False
         self._write_paused = False
         self._reading_paused = False
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # --- LegIO --------------------------------------------------------------------------
 
@@ -110,7 +117,26 @@ class Channel(asyncio.Protocol):
         self.bytes_in += len(data)
         self.last_activity = self.loop.time()
         self._guarded(lambda: self._receive(data))
+        if self._head_timer is None and self.leg is not None:
+            self._watch_head()
         self.flush()
+
+    def _watch_head(self) -> None:
+        """Arm the head timer when the leg has a head in progress (one timer at a time)."""
+        assert self.leg is not None
+        deadline = self.leg.head_deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._head_timer = self.loop.call_later(delay, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.leg is None:
+            return
+        self._guarded(self.leg.check_deadline)
+        self.flush()
+        if not self.leg.closed:
+            self._watch_head()  # a later head in progress, if any
 
     def _receive(self, data: bytes) -> None:
         assert self.leg is not None
@@ -134,6 +160,9 @@ class Channel(asyncio.Protocol):
         return True  # keep our side open until the leg closes it (flushes first)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self.leg is not None:
             self._guarded(self.leg.connection_lost)
         if not self.lost.done():
@@ -201,9 +230,10 @@ class Channel(asyncio.Protocol):
 
 
 async def handshake(
-    sock: socket.socket, tls: TlsSession, deadline: float, counts: list[int] | None = None
+    sock: socket.socket, tls: TlsSession, deadline: float | None, counts: list[int] | None = None
 ) -> None:
-    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time).
+    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time;
+    None: the caller bounds it, as the backend pool does with ``connect_timeout``).
 
     Raises TimeoutError, ssl.SSLError, or OSError/ConnectionError. ``counts``
     collects [bytes received, bytes sent].

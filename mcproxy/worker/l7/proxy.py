@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
 
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Route, lookup_route
@@ -24,10 +23,11 @@ from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import CertStore
 from mcproxy.worker.l7.channel import Channel, handshake
+from mcproxy.worker.l7.clock import LoopClock
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
-from mcproxy.worker.l7.pool import BackendGroup, BackendKey
+from mcproxy.worker.l7.pool import BackendKey, BackendPool, Dial
 from mcproxy.worker.l7.router import Router
 from mcproxy.worker.l7.tls import ALPN_H2, TlsSession, backend_context
 from mcproxy.worker.listener import ConnectionServer
@@ -47,7 +47,7 @@ class _Session:
         self.proxy = proxy
         self.record = record
         self.hostname = route.hostname
-        self.private: dict[BackendKey, BackendGroup] = {}
+        self.private: dict[BackendKey, BackendPool] = {}
         self.leg: H2Front | H11Front | None = None
         self.channel: Channel | None = None
         self.idle_timed_out = False
@@ -59,6 +59,9 @@ class _Session:
             on_finished=self._finished,
             hostname=route.hostname,
             on_dial=self._dialed,
+            timers=proxy.clock,
+            idle_timeout=proxy.timeouts.idle_timeout,
+            route_for=self._route_for,
         )
 
     def _lookup(self) -> Route | None:
@@ -68,16 +71,21 @@ class _Session:
         route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
         return route if route is not None and route.hostname == self.hostname else None
 
-    def _group_for(self, route: Route) -> BackendGroup:
-        key = BackendKey(route.backend, route.backend_tls)
+    def _route_for(self, name: str) -> Route | None:
+        """The route serving ``name`` on this listener, matched as SNI is (for 421)."""
+        listener = self.proxy.server.state.listeners.get(self.record.listener)
+        return lookup_route(listener.routes, name) if listener is not None else None
+
+    def _group_for(self, route: Route) -> BackendPool:
         if not route.send_proxy_protocol:
-            return self.proxy.group(key)
-        group = self.private.get(key)
-        if group is None:
-            header = encode_v2(self.record.client, self.record.local)
-            group = BackendGroup(key, lambda g: self.proxy.dial(g, header))
-            self.private[key] = group
-        return group
+            return self.proxy.group(BackendKey(route.backend, route.backend_tls))
+        # The PROXY header names this client: a pool of its own, closed with the connection.
+        header = encode_v2(self.record.client, self.record.local)
+        key = BackendKey(route.backend, route.backend_tls, header)
+        pool = self.private.get(key)
+        if pool is None:
+            pool = self.private[key] = self.proxy.new_pool(key)
+        return pool
 
     def _dialed(self, seconds: float) -> None:
         if self.record.dial_seconds is None:
@@ -111,10 +119,11 @@ class _Session:
     async def run(self, sock: socket.socket, tls: TlsSession) -> str:
         loop = self.proxy.loop
         channel = Channel(loop, tls, early=tls.read(), pause_reading_when_full=True)
+        head_timeout = self.proxy.timeouts.handshake_timeout
         if tls.alpn == ALPN_H2:
-            self.leg = H2Front(channel, self.router)
+            self.leg = H2Front(channel, self.router, head_timeout=head_timeout)
         else:
-            self.leg = H11Front(channel, self.router, self.hostname)
+            self.leg = H11Front(channel, self.router, self.hostname, head_timeout=head_timeout)
         channel.leg = self.leg
         self.channel = channel
         await loop.connect_accepted_socket(lambda: channel, sock)
@@ -131,9 +140,9 @@ class _Session:
                 self._idle.cancel()
             self.record.bytes_up += channel.bytes_in
             self.record.bytes_down += channel.bytes_out
-            for group in self.private.values():
-                for leg in group.connections():
-                    leg.close()
+            self.router.close()
+            for pool in self.private.values():
+                pool.close()
         if self.idle_timed_out:
             return "idle_timeout"
         return self.leg.outcome or "closed"
@@ -159,7 +168,8 @@ class L7Proxy:
         self.timeouts: ProxyTimeouts = server.timeouts
         self.certs = CertStore()
         self.backend_tls = backend_tls or backend_context()
-        self.pool: dict[BackendKey, BackendGroup] = {}
+        self.clock = LoopClock(self.loop)
+        self.pool: dict[BackendKey, BackendPool] = {}
         self.sessions: set[_Session] = set()
         self.draining = False
         self._dials: set[asyncio.Task[None]] = set()
@@ -168,11 +178,20 @@ class L7Proxy:
         self.server.l7_handler = self.handle
         self.server.on_drain.append(self.drain)
 
-    def group(self, key: BackendKey) -> BackendGroup:
-        group = self.pool.get(key)
-        if group is None:
-            group = self.pool[key] = BackendGroup(key, lambda g: self.dial(g, None))
-        return group
+    def group(self, key: BackendKey) -> BackendPool:
+        pool = self.pool.get(key)
+        if pool is None:
+            pool = self.pool[key] = self.new_pool(key)
+        return pool
+
+    def new_pool(self, key: BackendKey) -> BackendPool:
+        return BackendPool(
+            key,
+            self.dial,
+            self.clock,
+            connect_timeout=self.timeouts.connect_timeout,
+            idle_timeout=self.timeouts.idle_timeout,
+        )
 
     # --- client connections ---------------------------------------------------------------
 
@@ -222,84 +241,54 @@ class L7Proxy:
         for session in list(self.sessions):
             if session.leg is not None:
                 session.leg.begin_drain()
-        for group in self.pool.values():
-            for leg in group.connections():
-                leg.retire_when_idle()
+        for pool in self.pool.values():
+            pool.drain()
 
     # --- backend connections -------------------------------------------------------------
 
-    def dial(self, group: BackendGroup, proxy_header: bytes | None) -> None:
-        task = self.loop.create_task(self._dial(group, proxy_header))
+    def dial(self, attempt: Dial) -> None:
+        """Start a dial for a pool; the pool's timer bounds it by ``connect_timeout``."""
+        task = self.loop.create_task(self._dial(attempt))
+        attempt.cancel = task.cancel
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
 
-    async def _dial(self, group: BackendGroup, proxy_header: bytes | None) -> None:
-        started = self.loop.time()
-        backend = group.key.backend
+    async def _dial(self, attempt: Dial) -> None:
+        backend = attempt.key.backend
         try:
-            async with asyncio.timeout(self.timeouts.connect_timeout):
-                leg = await self._connect(group.key, proxy_header)
+            leg = await self._connect(attempt.key)
+        except asyncio.CancelledError:
+            return  # the pool gave up (connect_timeout) and already answered
         except TimeoutError:
-            group.dial_failed(504, f"backend {backend} not ready within connect_timeout")
+            attempt.failed(504, f"backend {backend} not reachable within connect_timeout")
             return
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            group.dial_failed(502, f"backend {backend} unreachable: {exc}")
+            attempt.failed(502, f"backend {backend} unreachable: {exc}")
             return
-        seconds = self.loop.time() - started
-        for exchange in group.waiting:  # every connection that waited for this dial
-            if exchange.on_dial is not None:
-                exchange.on_dial(seconds)
-        group.connected(leg)
+        attempt.connected(leg)
 
-    async def _connect(self, key: BackendKey, proxy_header: bytes | None) -> H2Back:
-        """Dial, [PROXY v2], [TLS], HTTP/2 preface, and wait for the backend's SETTINGS."""
+    async def _connect(self, key: BackendKey) -> H2Back:
+        """Dial, [PROXY v2], [TLS], and start HTTP/2; READY comes with the backend's SETTINGS."""
         sock = await self.server.dial(key.backend)
         channel: Channel | None = None
         try:
-            if proxy_header:
-                await self.loop.sock_sendall(sock, proxy_header)
+            if key.proxy_header:
+                await self.loop.sock_sendall(sock, key.proxy_header)
             tls = None
             if key.tls:
                 host = key.backend.host
                 tls = TlsSession(self.backend_tls, server_side=False, server_hostname=host)
-                await handshake(sock, tls, self.loop.time() + self.timeouts.connect_timeout)
+                await handshake(sock, tls, None)
                 if tls.alpn not in (ALPN_H2, None):
                     raise ConnectionError(f"backend chose ALPN {tls.alpn!r}, not h2")
             channel = Channel(self.loop, tls, early=tls.read() if tls else b"")
             leg = H2Back(channel)
             channel.leg = leg
-            ready: asyncio.Future[None] = self.loop.create_future()
-
-            def on_ready() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            leg.on_ready = on_ready
             await self.loop.connect_accepted_socket(lambda: channel, sock)
-            lost = channel.lost
-            await asyncio.wait({ready, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done():
-                raise ConnectionError(leg.failure or "backend closed before its HTTP/2 SETTINGS")
         except BaseException:
             if channel is not None and channel.transport is not None:
                 channel.abort()
             else:
                 sock.close()
             raise
-        leg.on_closed = self._idle_timer(channel, leg)
         return leg
-
-    def _idle_timer(self, channel: Channel, leg: H2Back) -> Callable[[], None]:
-        """Close the backend connection after ``idle_timeout`` without streams."""
-        timeout = self.timeouts.idle_timeout
-        handle: list[asyncio.TimerHandle] = []
-
-        def check() -> None:
-            remaining = channel.last_activity + timeout - self.loop.time()
-            if not leg.streams and remaining <= 0:
-                leg.close()
-                return
-            handle[:] = [self.loop.call_later(max(remaining, timeout / 4), check)]
-
-        handle.append(self.loop.call_later(timeout, check))
-        return handle[0].cancel
