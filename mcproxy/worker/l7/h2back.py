@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
+import jh2.events as ev
+from jh2.config import H2Configuration
+from jh2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
+from jh2.exceptions import ProtocolError
+from jh2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import GoAway

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
+import jh2.events as ev
+from jh2.config import H2Configuration
+from jh2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
+from jh2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import Budget, FrameWatch, GoAway

@@ -20,11 +20,11 @@ import contextlib
 import logging
 from typing import cast
 
-import h2.events as ev
-from h2.connection import H2Connection
+import jh2.events as ev
+from jh2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
+from jh2.exceptions import ProtocolError
+from jh2.settings import SettingCodes
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import (
