@@ -41,6 +41,8 @@ class H1Backend:
         """The peer address of every request, in order."""
         self.ws_closed: list[int | None] = []
         """The close codes of the WebSockets that ended."""
+        self.written = 0
+        """Bytes of ``/bytes/N`` bodies handed to the transport so far (back-pressure tests)."""
         self._tls = tls
         self._client_ca = client_ca
         self._loop = asyncio.new_event_loop()
@@ -140,7 +142,9 @@ class H1Backend:
         await response.prepare(request)
         view = memoryview(data)
         for start in range(0, size, 256 * 1024):
-            await response.write(bytes(view[start : start + 256 * 1024]))
+            piece = bytes(view[start : start + 256 * 1024])
+            await response.write(piece)  # waits while the transport is paused: back-pressure
+            self.written += len(piece)
         await response.write_eof()
         return response
 

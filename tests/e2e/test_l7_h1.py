@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -420,3 +421,55 @@ def test_client_ca_works_on_an_h2_route_too(app: App) -> None:
     der = ssl.PEM_cert_to_DER_cert(cert.read_text())
     assert fields == [f'Hash={hashlib.sha256(der).hexdigest()};Subject="CN=bob"']
     assert curl(app.port, app.ca_file, "/headers", host="clients-h2.test").returncode != 0
+
+
+def test_a_reader_that_stops_stalls_the_http11_backend(app: App) -> None:
+    size = 1 << 30
+    before = app.backend.written
+    raw = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    with client_context(app.ca.pem, ["http/1.1"]).wrap_socket(raw, server_hostname=WEB) as tls:
+        tls.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {WEB}\r\n\r\n".encode())
+        got = 0
+        while got < 1 << 20:
+            got += len(tls.recv(65536))
+        # Stop reading: socket buffers and the proxy's bounded buffers fill, then the
+        # backend's writes wait.
+        time.sleep(2)
+        stalled = app.backend.written - before
+        time.sleep(1)
+        assert app.backend.written - before == stalled
+        assert stalled < 64 << 20, stalled
+
+
+def test_shutdown_closes_an_open_websocket(tmp_path: Path) -> None:
+    ca = make_ca()
+    backend = H1Backend()
+    port = free_port()
+    route = l7_route(tmp_path, ca, WEB, backend.addr, backend_protocol="h1")
+    proxy = ProxyProcess(
+        tmp_path, {"listeners": [{"addr": f"127.0.0.1:{port}", "routes": [route]}]}
+    )
+
+    async def talk() -> float:
+        sock = socket.create_connection(("127.0.0.1", port))
+        context = client_context(ca.pem, ["http/1.1"])
+        async with websockets.connect(
+            f"wss://{WEB}:{port}/ws", ssl=context, sock=sock, server_hostname=WEB
+        ) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+            started = time.monotonic()
+            proxy.signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            return time.monotonic() - started
+
+    try:
+        proxy.start()
+        elapsed = asyncio.run(asyncio.wait_for(talk(), 30))
+        assert elapsed < 5  # closed at drain, not cut at shutdown_timeout (10 s)
+        assert proxy.stop() == 0
+        wait_for(lambda: len(backend.ws_closed) == 1, 5, "the backend saw the tunnel end")
+    finally:
+        proxy.stop()
+        backend.close()

@@ -283,6 +283,8 @@ class L7Proxy:
         for session in list(self.sessions):
             if session.leg is not None:
                 session.leg.begin_drain()
+            for private in session.private.values():
+                private.drain()  # PROXY-protocol pools: their WebSocket tunnels close too
         for pool in self.pool.values():
             pool.drain()
 
