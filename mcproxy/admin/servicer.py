@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from mcproxy.admin import convert
+from mcproxy.admin import convert, stateapi
 from mcproxy.admin.convert import InvalidArgument
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
@@ -196,12 +196,23 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
     def ExportState(
         self, request: pb.ExportStateRequest, context: grpc.ServicerContext
     ) -> pb.ExportStateResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportState is not implemented yet")
+        return stateapi.export_state(self.backend.state, self.backend)
 
     def ApplyState(
         self, request: pb.ApplyStateRequest, context: grpc.ServicerContext
     ) -> pb.ApplyStateResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ApplyState is not implemented yet")
+        outcome = stateapi.apply_state(
+            request, self.backend, lambda: self.backend.state, self.backend.submit, self._wait
+        )
+        if isinstance(outcome, tuple):
+            context.abort(*outcome)
+        log.info(
+            "admin: applied %s: %d changes (generation %d)",
+            request.source_name or "a state",
+            len(outcome.changes) if outcome.changed else 0,
+            outcome.generation,
+        )
+        return outcome
 
     # --- L7 policies ------------------------------------------------------------------
 
