@@ -480,6 +480,9 @@ def test_shutdown_closes_an_open_websocket(tmp_path: Path) -> None:
 # --- a real browser ---------------------------------------------------------------------------
 
 
+EXTRA_FLAGS: list[str] = os.environ.get("H1WS_CHROME_FLAGS", "").split()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -536,6 +539,7 @@ def test_headless_chromium_fetches_opens_a_websocket_and_reads_sse(
             "--disable-gpu",
             "--disable-background-networking",
             "--no-first-run",
+            *EXTRA_FLAGS,
             "--ignore-certificate-errors",
             f"--user-data-dir={profile}",
             f"--host-resolver-rules=MAP {WEB} 127.0.0.1",
