@@ -110,6 +110,9 @@ class Delta:
 
     change: Change
     generation: int
+    listen_addrs: tuple[str, ...] = ()
+    """Listeners the change adds: this frame carries the worker's slot socket of each,
+    in this order, as SCM_RIGHTS descriptors."""
 
 
 # --- worker -> supervisor ----------------------------------------------------

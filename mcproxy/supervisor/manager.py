@@ -41,7 +41,7 @@ from mcproxy.model import (
     StateError,
     apply_change,
 )
-from mcproxy.supervisor.sockets import open_listening_socket
+from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
 from mcproxy.worker.main import BOOT_ERROR
@@ -60,6 +60,14 @@ SEND_TIMEOUT = 10.0
 STABLE_LIFETIME = 10.0
 """A worker that lived this long before dying is respawned at once; sooner is a crash loop."""
 MAX_BACKOFF = 30.0
+SPARE_LISTENER_ROWS = 64
+"""Shared-memory counter rows kept free for listeners added at runtime."""
+
+
+def cell_columns(workers: int) -> int:
+    """Counter cells per listener row: twice the workers (at least 16), so that during
+    an upgrade the new workers count in cells the old ones do not hold."""
+    return max(16, 2 * workers)
 
 
 def respawn_delay(quick_deaths: int) -> float:
@@ -157,8 +165,13 @@ class Supervisor:
             self.slots.append(Slot(index, sockets))
 
     def create_shared_memory(self) -> None:
-        """Create the limits table every worker maps; listeners are fixed for the process."""
-        self.shared = limits.create(sorted(self.state.listeners), self.config.worker_count())
+        """Create the limits table every worker maps, with rows to spare for listeners
+        added at runtime and cells to spare for an upgrade's overlapping workers."""
+        self.shared = limits.create(
+            sorted(self.state.listeners),
+            cell_columns(self.config.worker_count()),
+            rows=len(self.state.listeners) + SPARE_LISTENER_ROWS,
+        )
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -490,23 +503,81 @@ class Supervisor:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            opened: dict[str, dict[int, socket.socket]] = {}
             try:
                 new_state = apply_change(self.state, change)  # validates against the state
                 self._check_precondition(change)
+                added = sorted(new_state.listeners.keys() - self.state.listeners.keys())
+                removed = sorted(self.state.listeners.keys() - new_state.listeners.keys())
+                opened = self._open_listener_sockets(new_state, added)  # before the commit
                 self.store.apply(change)  # invariant 2: commit first...
             except Exception as exc:
+                for sockets in opened.values():
+                    for sock in sockets.values():
+                        sock.close()
                 future.set_exception(exc)
                 continue
             self.state = new_state  # ...then the supervisor's state, then the workers
+            for slot in self.slots:
+                for addr in added:
+                    slot.sockets[addr] = opened[addr][slot.index]
             live = [s.worker for s in self.slots if s.worker is not None]
-            delta = pipe.encode(pipe.Delta(change, new_state.generation))
-            for worker in live:
-                self._send_encoded(worker, delta)
+            if added:
+                for worker in live:
+                    slot_sockets = self.slots[worker.slot - 1].sockets
+                    self._send(
+                        worker,
+                        pipe.Delta(change, new_state.generation, tuple(added)),
+                        [slot_sockets[addr].fileno() for addr in added],
+                    )
+            else:
+                delta = pipe.encode(pipe.Delta(change, new_state.generation))
+                for worker in live:
+                    self._send_encoded(worker, delta)
+            for addr in removed:  # the workers close theirs as they apply the change
+                for slot in self.slots:
+                    if addr in slot.sockets:
+                        slot.sockets.pop(addr).close()
+            if added or removed:
+                log.info("listeners: added %s, removed %s", added or "none", removed or "none")
             waiting = {w.pid for w in live if w.generation < new_state.generation}
             self.pending.append(
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
             )
         self._settle_pending()
+
+    def _open_listener_sockets(
+        self, state: ProxyState, added: list[str]
+    ) -> dict[str, dict[int, socket.socket]]:
+        """Bind each added listener once per slot, and give it a shared-memory row;
+        raises StateError("failed_precondition") naming the address and the reason."""
+        if len(added) > pipe.MAX_FDS:
+            raise StateError(
+                "failed_precondition", f"at most {pipe.MAX_FDS} listeners can be added at once"
+            )
+        opened: dict[str, dict[int, socket.socket]] = {}
+        try:
+            for addr in added:
+                opened[addr] = {}
+                for slot in self.slots:
+                    opened[addr][slot.index] = open_listening_socket(state.listeners[addr].addr)
+                if self.shared is not None and self.shared.limits.add_listener(addr) is None:
+                    raise StateError(
+                        "failed_precondition",
+                        f"cannot add listener {addr}: every shared-memory listener row is"
+                        " taken; restart mc-proxy to make room",
+                    )
+        except ListenError as exc:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise StateError("failed_precondition", str(exc)) from None
+        except BaseException:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise
+        return opened
 
     def _check_precondition(self, change: Change) -> None:
         """Refuse a change this process cannot honour (FAILED_PRECONDITION at the API)."""

@@ -119,6 +119,18 @@ class ConnectionServer:
                 self._local[addr] = local
             self.loop.add_reader(sock.fileno(), self._accept, sock, addr)
 
+    def listening(self) -> list[str]:
+        """Addresses of the listeners this worker accepts on."""
+        return list(self._listening)
+
+    def close_listener(self, addr: str) -> None:
+        """Stop accepting on one listener (removed at runtime); its connections go on."""
+        sock = self._listening.pop(addr, None)
+        self._local.pop(addr, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
     def stop_listening(self) -> None:
         """Stop accepting; queued connections stay in the kernel for the next worker."""
         for sock in self._listening.values():

@@ -116,10 +116,12 @@ class Worker:
                     raise RuntimeError(
                         f"delta for generation {generation} on top of {self.state.generation}"
                     )
+                sockets = self._take_sockets(message.listen_addrs)
                 try:
                     self._set_state(apply_change(self.state, change))
                 except StateError as exc:  # the supervisor checked it: a bug if we get here
                     raise RuntimeError(f"delta does not apply: {exc}") from exc
+                self._sync_listeners(sockets)
             case _:
                 raise RuntimeError(f"unexpected message {message!r}")
         if isinstance(message, pipe.Snapshot | pipe.Delta):
@@ -153,6 +155,28 @@ class Worker:
         self.server.start_listening(sockets)
         self.booted = True
         log.info("worker %d serving generation %d", self.boot.slot, self.state.generation)
+
+    def _take_sockets(self, addrs: tuple[str, ...]) -> dict[str, socket.socket]:
+        """The listening sockets that came with a frame (SCM_RIGHTS), in its order."""
+        if len(self.fds) < len(addrs):
+            raise RuntimeError(f"a delta adds {len(addrs)} listeners but came with fewer fds")
+        return {addr: socket.socket(fileno=self.fds.popleft()) for addr in addrs}
+
+    def _sync_listeners(self, added: dict[str, socket.socket]) -> None:
+        """Accept on listeners just added; stop accepting on those removed (their open
+        connections carry on). Done before the Ack, so the RPC returns only once every
+        worker accepts, or no longer accepts, on them."""
+        server = self.server
+        if server is None:
+            for sock in added.values():
+                sock.close()
+            return
+        for addr in [a for a in server.listening() if a not in self.state.listeners]:
+            server.close_listener(addr)
+            log.info("stopped listening on %s", addr)
+        if added:
+            server.start_listening(added)
+            log.info("listening on %s", ", ".join(added))
 
     def _set_state(self, state: ProxyState) -> None:
         self.state = state
