@@ -180,6 +180,8 @@ def test_a_backend_killed_under_load_fails_no_connection(
         states = proxy.ctl_json("routes", "list")[0]["backend_states"]
         assert [s["up"] for s in states] == [True, False, True]
         assert states[1]["reason"]  # why: connection refused
+        status = proxy.ctl_json("status")["backends"][0]
+        assert [b["up"] for b in status["backends"]] == [True, False, True]
         metrics_addr = proxy.config["metrics"]["addr"]
         body = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10).read()
         assert f'backend="{pool.backends[1].addr}"'.encode() in body
