@@ -57,7 +57,7 @@ def _serve(port: int, kind: str) -> None:
 
 HAPROXY_HTTP = """\
 global
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
