@@ -19,14 +19,14 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
-from mcproxy.worker.connection import Connection, Endpoint
+from mcproxy.worker.connection import Connection, Endpoint, L7Handler
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
 from mcproxy.worker.poller import Poller
@@ -53,10 +53,6 @@ class NoLimits:
 
     def release(self, listener: Listener) -> None:
         return None
-
-
-L7Handler = Callable[[socket.socket, bytes, ClientHello, ConnectionRecord], Awaitable[None]]
-"""Takes over a client socket whose ClientHello bytes were already read."""
 
 
 def _endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
@@ -175,7 +171,18 @@ class ConnectionServer:
         if not self.connections:
             self._all_closed.set()
 
-    # --- helpers for the connections ----------------------------------------------
+    # --- what connections ask (connection.Host, session.Gate) ------------------------
+
+    def admit(self, listener: Listener, ip: str) -> Reason | None:
+        return self.firewall.check(ip) or self.admission.admit(listener, ip)
+
+    def release(self, listener: Listener) -> None:
+        self.admission.release(listener)
+
+    @staticmethod
+    def next_backend(route: Route, tried: Sequence[Address]) -> Address | None:
+        """The route's backend, once: a failed dial ends the connection."""
+        return None if tried else route.backend
 
     @staticmethod
     def endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
