@@ -19,9 +19,11 @@ connection paid for a task, futures for each ``sock_recv``, ``sock_connect``
 ``sock_sendall``, and timeout context managers (``bench/``, ``l4_connrate``,
 measures the CPU per new connection). Here a connection is one object whose
 methods the loop calls when the client's socket is readable, when the
-backend's socket is writable (connected), and when its timer fires. The
-timer is armed lazily: only when the session's deadline moves earlier than
-the armed time; a timer that fires early finds nothing due and is re-armed.
+backend's socket is writable (connected), and when its deadline comes. The
+deadline lives in the worker's :class:`~mcproxy.worker.deadlines.Deadlines`
+(one loop timer for all connections) and is re-armed only when the
+session's deadline moves earlier than the armed one; one that comes early
+(the session's deadline moved later) finds nothing due and is armed again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Concatenate, ParamSpec, Protocol
 from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, ProxyState
 from mcproxy.worker.clienthello import ClientHello
+from mcproxy.worker.deadlines import Deadlines
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.poller import READ, WRITE, Poller
 from mcproxy.worker.records import ConnectionRecord
@@ -78,6 +81,7 @@ class Host(Gate, Protocol):
 
     loop: asyncio.AbstractEventLoop
     poller: Poller
+    deadlines: Deadlines
     timeouts: ProxyTimeouts
     state: ProxyState
     l7_handler: L7Handler | None
@@ -118,14 +122,15 @@ class Connection:
         "_armed",
         "_attempt",
         "_backend",
+        "_deadlines",
         "_host",
+        "_key",
         "_l7_task",
         "_loop",
         "_owns_client",
         "_payload",
         "_poller",
         "_relay",
-        "_timer",
         "record",
         "session",
         "sock",
@@ -137,9 +142,11 @@ class Connection:
         self.record = record
         self._loop = host.loop
         self._poller = host.poller
+        self._deadlines = host.deadlines
         listener = host.state.listeners.get(record.listener)
         self.session = Session(host, host.timeouts, listener, record)
-        self._timer: asyncio.TimerHandle | None = None
+        self._key = 0
+        """The armed deadline's key in ``_deadlines``; 0: none armed."""
         self._armed = NEVER
         self._backend: socket.socket | None = None
         self._payload = b""
@@ -182,22 +189,24 @@ class Connection:
 
     def _arm(self) -> None:
         deadline = self.session.deadline
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._armed = deadline
+        self._disarm()
         if deadline < NEVER:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._armed = deadline
+            self._key = self._deadlines.arm(self, deadline)
+
+    def _disarm(self) -> None:
+        if self._key:
+            self._deadlines.disarm(self, self._key)
+            self._key = 0
+        self._armed = NEVER
 
     @_guarded
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_deadline(self) -> None:
+        self._key = 0
         self._armed = NEVER
         relay = self._relay
         action = self.session.timeout(self._loop.time(), relay.last_activity if relay else 0.0)
-        self._act(action)
-        if action is None and self.session.state is not State.CLOSED:
-            self._arm()
+        self._act(action)  # nothing due yet: _act arms the session's deadline again
 
     # --- the handshake: read the client until the session routes it -------------------
 
@@ -329,9 +338,7 @@ class Connection:
     # --- L7: the handler takes the socket -----------------------------------------------
 
     def _hand_off(self, hand_off: HandOff) -> None:
-        if self._timer is not None:  # the handler keeps its own handshake deadline
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()  # the handler keeps its own handshake deadline
         handler = self._host.l7_handler
         if handler is None:
             self._act(self.session.refuse(Reason.NO_ROUTE, "L7 routes are not served here"))
@@ -374,10 +381,7 @@ class Connection:
 
     def _end(self, end: End) -> None:
         """The one way a connection ends: stop the timer and relay, close, report."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._armed = NEVER
+        self._disarm()
         relay = self._relay
         if relay is not None:
             relay.stop()

@@ -27,6 +27,7 @@ from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostna
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint, L7Handler
+from mcproxy.worker.deadlines import Deadlines
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
 from mcproxy.worker.poller import Poller
@@ -96,6 +97,8 @@ class ConnectionServer:
         self.access_log = AccessLog()
         self.poller = Poller(loop)
         """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
+        self.deadlines = Deadlines(loop)
+        """The L4 connections' deadlines, on one loop timer."""
         self._listening: dict[str, socket.socket] = {}
         self._local: dict[str, tuple[str, int]] = {}
 
