@@ -19,10 +19,11 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Change, ProxyState
+from mcproxy.settings import ProxyTimeouts
 
 __all__ = [
+    "BOOT_ERROR",
     "MAX_FRAME_BYTES",
     "Ack",
     "Boot",
@@ -34,6 +35,10 @@ __all__ = [
     "Snapshot",
     "encode",
 ]
+
+BOOT_ERROR = 3
+"""A worker's exit status when it fails before its first snapshot: the supervisor
+halts instead of respawning it (a respawn would fail the same way)."""
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 """A snapshot of 10,000 routes is a few MB; this only stops a corrupt length

@@ -33,7 +33,7 @@ from mcproxy.admin.client import (
     default_socket,
 )
 from mcproxy.model import FirewallRuleKind, FirewallRules, L7Policy, Route
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = ["main"]
 

@@ -29,7 +29,7 @@ from mcproxy.admin import convert
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.model import FirewallRules, L7Policy, Route
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = ["DEFAULT_SOCKET", "AdminClient", "AdminError", "ListedRoute", "default_socket"]
 

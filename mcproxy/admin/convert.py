@@ -35,7 +35,7 @@ from mcproxy.model import (
     RouteRemoved,
     parse_address,
 )
-from mcproxy.supervisor.status import ListenerStatus, Status, WorkerStatus
+from mcproxy.status import ListenerStatus, Status, WorkerStatus
 
 __all__ = [
     "InvalidArgument",

@@ -36,8 +36,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec, Protocol
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, ProxyState
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.deadlines import Deadlines
 from mcproxy.worker.errors import Reason, Refused

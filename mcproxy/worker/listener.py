@@ -22,8 +22,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint, L7Handler

@@ -24,6 +24,7 @@ import sys
 
 from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.pipe import BOOT_ERROR
 from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
 from mcproxy.worker.geoip import GeoIP
@@ -32,7 +33,6 @@ from mcproxy.worker.listener import Admission, ConnectionServer
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
 
-BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
 
 log = logging.getLogger("mcproxy.worker")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, Mode, Route
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.firewall import client_ip

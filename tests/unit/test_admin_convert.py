@@ -29,7 +29,7 @@ from mcproxy.model import (
     RouteRemoved,
     make_state,
 )
-from mcproxy.supervisor.status import ListenerStatus, Status, WorkerStatus
+from mcproxy.status import ListenerStatus, Status, WorkerStatus
 from tests.certs import make_self_signed
 
 LISTENER = "127.0.0.1:8443"

@@ -14,6 +14,7 @@ import pytest
 
 from mcproxy.config import Config
 from mcproxy.model import ProxyState
+from mcproxy.pipe import BOOT_ERROR
 from mcproxy.supervisor import manager
 from mcproxy.supervisor.manager import (
     Halt,
@@ -23,7 +24,6 @@ from mcproxy.supervisor.manager import (
     WorkerProcess,
 )
 from mcproxy.supervisor.store import Store
-from mcproxy.worker.main import BOOT_ERROR
 
 
 class FakePopen:

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcproxy import pipe
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, FirewallRules, Listener, Route, RouteAdded, make_state
+from mcproxy.settings import ProxyTimeouts
 
 STATE = make_state(
     7,

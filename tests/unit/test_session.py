@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, Listener, Mode, Route, RouteTable
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder

@@ -30,17 +30,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from h2.errors import ErrorCodes
 
 from mcproxy.model import PolicyKind
 from mcproxy.worker.l7.headers import Headers, status_of
 
-if TYPE_CHECKING:
-    from mcproxy.worker.l7.pool import BackendGroup
-
-__all__ = ["Endpoint", "Exchange", "Flow", "LegIO", "local_response"]
+__all__ = ["Endpoint", "Exchange", "ExchangeQueue", "Flow", "LegIO", "local_response"]
 
 MAX_REQUEUES = 3
 """Retries of a request a backend refused unprocessed (GOAWAY, REFUSED_STREAM)."""
@@ -263,6 +260,15 @@ class Flow:
             self.exchange.flow_done(self)
 
 
+class ExchangeQueue(Protocol):
+    """Where an exchange waits for a backend stream (``pool.BackendGroup``; a protocol
+    here so that the pool depends on the bridge and not the other way round)."""
+
+    def submit(self, exchange: Exchange) -> None: ...
+
+    def withdraw(self, exchange: Exchange) -> None: ...
+
+
 class Exchange:
     """One request and its response, between a client stream and (maybe) a backend stream.
 
@@ -290,9 +296,9 @@ class Exchange:
         """The backend stream, while it is usable."""
         self.attached: Endpoint | None = None
         """The backend stream to release when the exchange ends."""
-        self.group: BackendGroup | None = None
+        self.group: ExchangeQueue | None = None
         """The group whose queue holds this exchange, while it waits for a stream."""
-        self.home: BackendGroup | None = None
+        self.home: ExchangeQueue | None = None
         """The group this exchange was submitted to (for a retry)."""
         self.status = 0
         self.blocked_by: PolicyKind | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h2.events as ev
 from h2.config import H2Configuration
@@ -33,10 +33,21 @@ from mcproxy.worker.l7.h2leg import (
 )
 from mcproxy.worker.l7.headers import Headers, end_to_end
 
-if TYPE_CHECKING:
-    from mcproxy.worker.l7.pool import BackendGroup
+__all__ = ["BACKEND_CONNECTION_WINDOW", "BackendOwner", "H2Back"]
 
-__all__ = ["BACKEND_CONNECTION_WINDOW", "H2Back"]
+
+class BackendOwner(Protocol):
+    """The group that shares a backend connection (``pool.BackendGroup``; a protocol
+    here so that the pool depends on this module and not the other way round)."""
+
+    def dispatch(self) -> None: ...
+
+    def stream_closed(self) -> None: ...
+
+    def retire(self, leg: H2Back, unprocessed: list[Exchange]) -> None: ...
+
+    def closed(self, leg: H2Back) -> None: ...
+
 
 log = logging.getLogger("mcproxy.l7")
 
@@ -59,7 +70,7 @@ class H2Back(H2Leg):
         conn.initiate_connection()
         conn.increment_flow_control_window(BACKEND_CONNECTION_WINDOW - DEFAULT_WINDOW)
         super().__init__(conn, io, expect_preface=False)
-        self.group: BackendGroup | None = None
+        self.group: BackendOwner | None = None
         self.ready = False
         """The backend's SETTINGS arrived: it speaks HTTP/2 and we know its limits."""
         self.on_ready: Callable[[], None] | None = None

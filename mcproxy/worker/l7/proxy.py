@@ -18,8 +18,8 @@ import ssl
 import time
 from collections.abc import Callable
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Route
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import CertStore
