@@ -53,11 +53,11 @@ def timed(call: Callable[[], object], repeat: int = 1) -> float:
 def in_process(routes: int) -> None:
     """The pieces that scale with the route count, without processes or I/O."""
     table = {
-        f"host{i}.bench.test": Route(f"host{i}.bench.test", Address("127.0.0.1", 9))
+        f"host{i}.bench.test": Route(f"host{i}.bench.test", (Address("127.0.0.1", 9),))
         for i in range(routes)
     }
     state = build_state(1, [Listener(Address("127.0.0.1", 1), routes=table)], FirewallRules())
-    change = RouteAdded("127.0.0.1:1", Route("new.bench.test", Address("127.0.0.1", 9)))
+    change = RouteAdded("127.0.0.1:1", Route("new.bench.test", (Address("127.0.0.1", 9),)))
     apply_s = timed(lambda: apply_change(state, change), repeat=200)
     delta = pipe.Delta(change, 2)
     delta_s = timed(lambda: pipe.encode(delta), repeat=200)

@@ -190,7 +190,7 @@ def record_cost(iterations: int = 100_000) -> float:
 
     metrics = WorkerMetrics()
     record = ConnectionRecord("127.0.0.1:8443", ("127.0.0.1", 40000), ("127.0.0.1", 8443))
-    record.route = Route("alpha.test", Address("127.0.0.1", 9000))
+    record.route = Route("alpha.test", (Address("127.0.0.1", 9000),))
     record.outcome, record.bytes_up, record.bytes_down = "closed", 600, 1300
     record.dial_seconds = 0.0004
     best = float("inf")

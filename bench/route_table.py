@@ -31,14 +31,14 @@ def main() -> None:
     parser.add_argument("--routes", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2_000)
     args = parser.parse_args()
-    backend = Address("127.0.0.1", 8443)
-    routes = {f"h{i}.test": Route(f"h{i}.test", backend) for i in range(args.routes)}
+    backends = (Address("127.0.0.1", 8443),)
+    routes = {f"h{i}.test": Route(f"h{i}.test", backends) for i in range(args.routes)}
     table = RouteTable(routes)
     counter = iter(range(10**9))
 
     def change() -> None:
         nonlocal table
-        table = table.with_route(Route(f"new{next(counter) % 500}.test", backend))
+        table = table.with_route(Route(f"new{next(counter) % 500}.test", backends))
 
     def copy() -> None:
         dict(routes)
@@ -47,7 +47,7 @@ def main() -> None:
     state = ProxyState(listeners={str(addr): Listener(addr, routes=RouteTable(routes))})
 
     def apply() -> None:
-        apply_change(state, RouteAdded(str(addr), Route(f"new{next(counter)}.test", backend)))
+        apply_change(state, RouteAdded(str(addr), Route(f"new{next(counter)}.test", backends)))
 
     print(
         f"{args.routes} routes (medians): apply_change {_median_us(apply, args.rounds):.1f} µs, "

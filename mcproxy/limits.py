@@ -159,10 +159,9 @@ class SharedLimits:
         self._lock = lock
         self._hash_a, self._hash_b = words[5], words[6]
         self._bucket_shift = 64 - (self.layout.buckets.bit_length() - 1)
-        self.listener_index: dict[str, int] = {
-            name: index for index, name in enumerate(self._read_directory())
-        }
+        self.listener_index: dict[str, int] = {}
         """Listener address (``str(Listener.addr)``) -> row."""
+        self.reload_directory()
 
     @staticmethod
     def format(
@@ -172,8 +171,8 @@ class SharedLimits:
         seed: bytes | None = None,
     ) -> None:
         """Write an empty table for ``listeners`` into a zero-filled ``buffer``."""
-        if len(listeners) != layout.listeners:
-            raise LayoutError("the layout does not match the listener list")
+        if len(listeners) > layout.listeners:
+            raise LayoutError("the layout has fewer rows than listeners")
         words = memoryview(buffer).cast("B").cast("Q")
         if len(words) < layout.words:
             raise LayoutError(f"buffer of {len(words) * WORD} bytes, need {layout.size}")
@@ -197,6 +196,35 @@ class SharedLimits:
             raw[start : start + len(encoded)] = encoded
         words[1] = VERSION
         words[0] = MAGIC  # last: a reader never sees a half-written header as valid
+
+    def reload_directory(self) -> None:
+        """Re-read the listener rows (a worker does when it meets a listener added at
+        runtime: the supervisor writes its row before the change reaches any worker)."""
+        self.listener_index = {
+            name: index for index, name in enumerate(self._read_directory()) if name
+        }
+
+    def add_listener(self, name: str) -> int | None:
+        """The row of listener ``name``, taking a free one if it has none (supervisor
+        only); None when every row is taken. A row is never freed: a listener removed
+        and added again gets its old row, where its still-open connections count."""
+        if name in self.listener_index:
+            return self.listener_index[name]
+        encoded = name.encode()
+        if len(encoded) > NAME_WORDS * WORD:
+            raise LayoutError(f"listener address {name!r} is too long")
+        taken = set(self.listener_index.values())
+        free = next((i for i in range(self.layout.listeners) if i not in taken), None)
+        if free is None:
+            return None
+        row = self._row(free)
+        for cell in range(row, row + self.layout.slots):
+            self._words[cell] = 0
+        raw = self._words.cast("B")
+        start = (self.layout.directory + free * NAME_WORDS) * WORD
+        raw[start : start + len(encoded)] = encoded
+        self.listener_index[name] = free
+        return free
 
     def _read_directory(self) -> Iterable[str]:
         raw = self._words.cast("B")
@@ -366,14 +394,18 @@ class SharedMemory:
         os.close(self.fd)
 
 
-def create(listeners: Sequence[str], slots: int, buckets: int = BUCKETS) -> SharedMemory:
-    """The supervisor's side: a new anonymous shared file formatted for ``listeners``.
+def create(
+    listeners: Sequence[str], slots: int, buckets: int = BUCKETS, rows: int = 0
+) -> SharedMemory:
+    """The supervisor's side: a new anonymous shared file formatted for ``listeners``,
+    with ``rows`` listener rows in all (at least one per listener; the spare ones are
+    for listeners added at runtime, :meth:`SharedLimits.add_listener`).
 
     The file has no name (``memfd_create``), so nothing is left behind however
     the process group ends; workers get the descriptor by inheritance. It is
     close-on-exec here; pass it explicitly to each worker (``pass_fds``).
     """
-    layout = Layout(slots=slots, listeners=len(listeners), buckets=buckets)
+    layout = Layout(slots=slots, listeners=max(rows, len(listeners)), buckets=buckets)
     fd = os.memfd_create("mc-proxy-limits", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, layout.size)

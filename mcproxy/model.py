@@ -18,16 +18,24 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 __all__ = [
+    "CATCH_ALL",
     "Address",
     "AddressError",
+    "BackendProtocol",
+    "Balance",
     "Change",
+    "ChangeBatch",
     "FirewallRuleAdded",
     "FirewallRuleKind",
     "FirewallRuleRemoved",
     "FirewallRules",
+    "HealthCheck",
+    "HealthCheckKind",
     "L7Policy",
     "Listener",
+    "ListenerAdded",
     "ListenerMaxConnectionsSet",
+    "ListenerRemoved",
     "Mode",
     "PolicyAdded",
     "PolicyKind",
@@ -37,11 +45,15 @@ __all__ = [
     "RouteAdded",
     "RouteRemoved",
     "RouteTable",
+    "RouteUpdated",
     "StateError",
     "apply_change",
+    "lookup_route",
     "make_state",
     "normalize_hostname",
+    "normalize_route_hostname",
     "parse_address",
+    "route_matches",
 ]
 
 
@@ -53,6 +65,26 @@ class Mode(StrEnum):
 class PolicyKind(StrEnum):
     BLOCK_USER_AGENT = "block_user_agent"
     REQUIRE_HEADER = "require_header"
+
+
+class Balance(StrEnum):
+    """How a route with several backends picks one per connection."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONN = "least_conn"
+    SOURCE_IP = "source_ip"
+
+
+class HealthCheckKind(StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class BackendProtocol(StrEnum):
+    """What an l7 route speaks to its backends (l4 routes relay bytes and ignore it)."""
+
+    H2 = "h2"
+    H1 = "h1"
 
 
 class FirewallRuleKind(StrEnum):
@@ -148,6 +180,24 @@ def normalize_hostname(name: str) -> str | None:
     return None
 
 
+def normalize_route_hostname(name: str) -> str | None:
+    """A route's hostname in stored (lower-case) form, or None when it is not one.
+
+    Three forms (DESIGN.md, "Hostnames"): an exact DNS name; a wildcard
+    ``*.example.com``, whose ``*`` stands for exactly one label; ``"*"``, the
+    listener's catch-all. A ``*`` anywhere else (``a.*.com``, ``*a.com``) is
+    refused. The config loader, :mod:`mcproxy.validation` and the admin API
+    all judge hostnames with this one function. Matching is not done here.
+    """
+    name = name.strip()
+    if name == "*":
+        return name
+    if name.startswith("*."):
+        rest = normalize_hostname(name[2:])
+        return None if rest is None else f"*.{rest}"
+    return normalize_hostname(name)
+
+
 @dataclass(frozen=True, slots=True)
 class L7Policy:
     kind: PolicyKind
@@ -155,18 +205,68 @@ class L7Policy:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """An active check the supervisor runs against each backend of a route.
+
+    ``interval`` and ``timeout`` are seconds; a backend goes down after
+    ``fall`` failures in a row and comes back after ``rise`` successes.
+    ``path`` is the GET target of an ``http`` check (ignored by ``tcp``).
+    """
+
+    kind: HealthCheckKind
+    interval: float = 5.0
+    timeout: float = 2.0
+    path: str = "/healthz"
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
+    """One hostname's routing on a listener.
+
+    ``backends`` holds one address or more (``backend`` is the first, for code
+    that knows only one). The fields after ``policies`` are the second batch's
+    (DESIGN.md); each default keeps the first batch's behaviour. Which fields a
+    mode allows is :func:`mcproxy.validation.route_problems`'s call.
+    """
+
     hostname: str
-    backend: Address
+    backends: tuple[Address, ...]
     mode: Mode = Mode.L4
     tls_cert: str | None = None
     tls_key: str | None = None
     backend_tls: bool = False
     send_proxy_protocol: bool = False
     policies: tuple[L7Policy, ...] = ()
+    balance: Balance = Balance.ROUND_ROBIN
+    health_check: HealthCheck | None = None
+    backend_protocol: BackendProtocol = BackendProtocol.H2
+    backend_ca: str | None = None
+    backend_server_name: str | None = None
+    backend_client_cert: str | None = None
+    backend_client_key: str | None = None
+    client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        # Tolerate Route(name, Address(...)) and lists: store a tuple, so routes
+        # stay hashable and comparable whatever the caller passed.
+        backends: object = self.backends
+        if isinstance(backends, Address):
+            object.__setattr__(self, "backends", (backends,))
+        elif not isinstance(backends, tuple):
+            object.__setattr__(self, "backends", tuple(backends))  # type: ignore[arg-type]
+
+    @property
+    def backend(self) -> Address:
+        """The first backend (routes always have one; validation refuses none)."""
+        return self.backends[0]
 
 
 _REMOVED = None
+
+CATCH_ALL = "*"
+"""The hostname of a listener's catch-all route (ARCHITECTURE.md, "Routing")."""
 
 
 class RouteTable(Mapping[str, Route]):
@@ -225,6 +325,37 @@ class RouteTable(Mapping[str, Route]):
             return self._overlay[hostname] is not _REMOVED
         return hostname in self._base
 
+    def lookup(self, name: str | None) -> Route | None:
+        """The route that serves the SNI ``name`` (None: the ClientHello had none).
+
+        Precedence (ARCHITECTURE.md, "Routing"): the exact name, then the
+        wildcard ``*.parent`` one label up (``*.example.com`` serves
+        ``a.example.com``, never ``example.com`` nor ``a.b.example.com``), then
+        the catch-all ``*``, which also serves a ClientHello without SNI.
+        Case-insensitive, a trailing dot ignored. At most three keys, each two
+        dict probes, so the cost does not grow with the number of routes.
+        None when nothing matches (the connection is then reset).
+        """
+        if name:
+            key = name.lower()
+            if key[-1] == ".":
+                key = key[:-1]
+            route = self._get(key)
+            if route is not None:
+                return route
+            dot = key.find(".")
+            if dot > 0:
+                route = self._get("*" + key[dot:])
+                if route is not None:
+                    return route
+        return self._get(CATCH_ALL)
+
+    def _get(self, hostname: str) -> Route | None:
+        overlay = self._overlay
+        if overlay and hostname in overlay:
+            return overlay[hostname]  # None when removed
+        return self._base.get(hostname)
+
     def __iter__(self) -> Iterator[str]:
         overlay = self._overlay
         for hostname in self._base:
@@ -242,6 +373,28 @@ class RouteTable(Mapping[str, Route]):
 
     def __reduce__(self) -> tuple[type[RouteTable], tuple[dict[str, Route]]]:
         return RouteTable, (dict(self.items()),)  # pickles (snapshots) flat
+
+
+def lookup_route(routes: Mapping[str, Route], name: str | None) -> Route | None:
+    """``RouteTable.lookup`` for any mapping of routes by hostname (states built
+    here always hold a :class:`RouteTable`; this also takes a plain dict)."""
+    if isinstance(routes, RouteTable):
+        return routes.lookup(name)
+    return RouteTable(routes).lookup(name)
+
+
+def route_matches(hostname: str, name: str | None) -> bool:
+    """Whether a route named ``hostname`` (exact, ``*.parent`` or ``*``) can serve
+    ``name``, regardless of other routes (see :meth:`RouteTable.lookup` for precedence)."""
+    if hostname == CATCH_ALL:
+        return True
+    if not name:
+        return False
+    key = name.lower().removesuffix(".")
+    if hostname.startswith("*."):
+        dot = key.find(".")
+        return dot > 0 and key[dot + 1 :] == hostname[2:]
+    return key == hostname
 
 
 def _freeze(routes: Mapping[str, Route]) -> RouteTable:
@@ -314,6 +467,28 @@ class RouteRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteUpdated:
+    """Replace the route under ``route.hostname`` whole, in one step."""
+
+    listener: str
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAdded:
+    """A new listener (with any routes it carries)."""
+
+    listener: Listener
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerRemoved:
+    """Remove a listener and every route on it; ``addr`` is its ``str(Address)``."""
+
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
 class FirewallRuleAdded:
     kind: FirewallRuleKind
     value: str
@@ -345,14 +520,30 @@ class PolicyRemoved:
     policy: L7Policy
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """Several changes made as one: one generation, all or nothing.
+
+    Each change sees the state the previous ones left (so a batch may add a
+    listener and then routes on it); if any does not fit, the whole batch
+    raises and nothing is applied.
+    """
+
+    changes: tuple[Change, ...]
+
+
 Change = (
     RouteAdded
     | RouteRemoved
+    | RouteUpdated
     | FirewallRuleAdded
     | FirewallRuleRemoved
     | ListenerMaxConnectionsSet
+    | ListenerAdded
+    | ListenerRemoved
     | PolicyAdded
     | PolicyRemoved
+    | ChangeBatch
 )
 
 
@@ -375,6 +566,23 @@ def apply_change(state: ProxyState, change: Change) -> ProxyState:
                 raise StateError("not_found", f"no route {hostname} on {addr}")
             routes = _freeze(listener.routes).without(hostname)
             return _with_listener(state, replace(listener, routes=routes))
+        case RouteUpdated(listener=addr, route=route):
+            _route(state, addr, route.hostname)  # NOT_FOUND when absent
+            return _with_route(state, addr, route)
+        case ListenerAdded(listener=listener):
+            key = str(listener.addr)
+            if key in state.listeners:
+                raise StateError("already_exists", f"listener {key} exists")
+            return _with_listener(state, replace(listener, routes=_freeze(listener.routes)))
+        case ListenerRemoved(addr=addr):
+            state.listener(addr)  # NOT_FOUND when absent
+            listeners = {k: v for k, v in state.listeners.items() if k != addr}
+            return replace(state, generation=state.generation + 1, listeners=listeners)
+        case ChangeBatch(changes=changes):
+            result = state
+            for item in changes:
+                result = apply_change(result, item)
+            return replace(result, generation=state.generation + 1)
         case FirewallRuleAdded(kind=kind, value=value):
             values = state.firewall.values(kind)
             if value in values:

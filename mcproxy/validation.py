@@ -20,34 +20,48 @@ The contract has two shapes:
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import ssl
+from enum import StrEnum
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mcproxy.model import (
     Address,
+    BackendProtocol,
+    Balance,
     FirewallRuleKind,
+    HealthCheck,
+    HealthCheckKind,
     L7Policy,
     Mode,
     PolicyKind,
     Route,
     normalize_hostname,
+    normalize_route_hostname,
     parse_address,
 )
 
 __all__ = [
     "FieldError",
     "backend_address",
+    "backend_protocol",
+    "backends_problems",
+    "balance",
+    "ca_file_problems",
     "canonical_cidr",
     "canonical_country",
     "canonical_ip",
     "firewall_kind",
     "firewall_value",
     "header_name",
+    "health_check_kind",
+    "health_check_problems",
     "hostname",
     "key_pair_problems",
     "listener_address",
@@ -55,6 +69,7 @@ __all__ = [
     "mode",
     "policy",
     "route_problems",
+    "server_name",
 ]
 
 
@@ -96,10 +111,17 @@ def backend_address(text: str) -> Address:
 
 
 def hostname(text: str) -> str:
-    """An SNI hostname in the lower-case form routes are stored and matched under."""
-    name = normalize_hostname(text.strip())
+    """A route hostname in the lower-case form routes are stored and matched under.
+
+    An exact name, ``*.example.com`` (one label) or ``*`` (the catch-all):
+    :func:`mcproxy.model.normalize_route_hostname` is the judge.
+    """
+    name = normalize_route_hostname(text)
     if name is None:
-        raise ValueError(f"{text!r} is not a valid DNS hostname (exact names only, no wildcards)")
+        raise ValueError(
+            f"{text!r} is not a valid DNS hostname (an exact name, '*.example.com'"
+            " for one more label, or '*' for every other name)"
+        )
     return name
 
 
@@ -110,11 +132,34 @@ def max_connections(value: int) -> int:
     return value
 
 
-def mode(text: str) -> Mode:
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _choice(kind: type[_E], text: str) -> _E:
+    """``text`` as a member of ``kind``; the error lists the choices and the nearest one."""
     try:
-        return Mode(text.strip().lower())
+        return kind(text.strip().lower())
     except ValueError:
-        raise ValueError(f"{text!r} is not one of: l4, l7") from None
+        names = [member.value for member in kind]
+        close = difflib.get_close_matches(text.strip().lower(), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{text!r} is not one of: {', '.join(names)}{hint}") from None
+
+
+def mode(text: str) -> Mode:
+    return _choice(Mode, text)
+
+
+def balance(text: str) -> Balance:
+    return _choice(Balance, text)
+
+
+def backend_protocol(text: str) -> BackendProtocol:
+    return _choice(BackendProtocol, text)
+
+
+def health_check_kind(text: str) -> HealthCheckKind:
+    return _choice(HealthCheckKind, text)
 
 
 # --- firewall -------------------------------------------------------------------
@@ -230,30 +275,43 @@ def policy(kind_text: str, value: str) -> L7Policy:
 # --- routes -----------------------------------------------------------------------------
 
 
+_L7_ONLY = "only for mode l7 (l4 passes the client's TLS through untouched)"
+
+
 def route_problems(route: Route) -> list[tuple[str, str]]:
     """Everything wrong with ``route`` as ``(field, reason)`` pairs; empty means valid.
 
     Checks the hostname and backend forms, the rules that tie fields to the
-    mode (certificates, ``backend_tls`` and policies are L7 only; L7 needs a
-    certificate and key), and for L7 that the files load as a pair exactly as
-    a worker will load them. Field names are the config's (``tls_cert``,
-    ``l7_policies``...).
+    mode (certificates, ``backend_tls``, policies, ``backend_protocol: h1``
+    and the trust fields are L7 only; L7 needs a certificate and key), the
+    health check, and that every file loads as a worker will load it. Field
+    names are the config's (``tls_cert``, ``l7_policies``, ``backends[1]``,
+    ``health_check.timeout``...).
     """
     problems: list[tuple[str, str]] = []
-    if normalize_hostname(route.hostname) != route.hostname:
-        problems.append(("hostname", f"{route.hostname!r} is not a lower-case DNS hostname"))
-    if not route.backend.host:
-        problems.append(("backend", "has no host (':port' only means 'every address')"))
+    if normalize_route_hostname(route.hostname) != route.hostname:
+        problems.append(("hostname", f"{route.hostname!r} is not a lower-case route hostname"))
+    problems += backends_problems(route.backends)
+    if route.health_check is not None:
+        problems += [
+            (f"health_check.{name}", reason)
+            for name, reason in health_check_problems(route.health_check)
+        ]
     if route.mode is Mode.L4:
-        why = "only for mode l7 (l4 passes the client's TLS through untouched)"
-        if route.tls_cert is not None:
-            problems.append(("tls_cert", why))
-        if route.tls_key is not None:
-            problems.append(("tls_key", why))
-        if route.backend_tls:
-            problems.append(("backend_tls", why))
-        if route.policies:
-            problems.append(("l7_policies", why))
+        for name, set_ in (
+            ("tls_cert", route.tls_cert is not None),
+            ("tls_key", route.tls_key is not None),
+            ("backend_tls", route.backend_tls),
+            ("l7_policies", bool(route.policies)),
+            ("backend_protocol", route.backend_protocol is not BackendProtocol.H2),
+            ("backend_ca", route.backend_ca is not None),
+            ("backend_server_name", route.backend_server_name is not None),
+            ("backend_client_cert", route.backend_client_cert is not None),
+            ("backend_client_key", route.backend_client_key is not None),
+            ("client_ca", route.client_ca is not None),
+        ):
+            if set_:
+                problems.append((name, _L7_ONLY))
         return problems
     for name, path in (("tls_cert", route.tls_cert), ("tls_key", route.tls_key)):
         if path is None:
@@ -273,7 +331,109 @@ def route_problems(route: Route) -> list[tuple[str, str]]:
         seen.add(canonical)
     if route.tls_cert is not None and route.tls_key is not None:
         problems += key_pair_problems(route.tls_cert, route.tls_key)
+    problems += _trust_problems(route)
     return problems
+
+
+def backends_problems(backends: tuple[Address, ...]) -> list[tuple[str, str]]:
+    """A route's backend list: at least one, each with a host, no address twice."""
+    if not backends:
+        return [("backends", "at least one backend is required")]
+    problems: list[tuple[str, str]] = []
+    seen: dict[Address, int] = {}
+    for i, addr in enumerate(backends):
+        if not addr.host:
+            problems.append((f"backends[{i}]", "has no host (':port' only means 'every address')"))
+        elif addr in seen:
+            problems.append((f"backends[{i}]", f"duplicate of backends[{seen[addr]}] ({addr})"))
+        seen.setdefault(addr, i)
+    return problems
+
+
+_URL_PATH = re.compile(r"^/[!-~]*$")
+
+
+def health_check_problems(check: HealthCheck) -> list[tuple[str, str]]:
+    """``(field, reason)`` pairs with field names inside ``health_check`` (``interval``...)."""
+    problems: list[tuple[str, str]] = []
+    if not check.interval > 0:
+        problems.append(("interval", "must be greater than zero"))
+    if not check.timeout > 0:
+        problems.append(("timeout", "must be greater than zero"))
+    elif check.interval > 0 and check.timeout >= check.interval:
+        problems.append(
+            (
+                "timeout",
+                f"must be shorter than interval ({check.timeout:g}s >= {check.interval:g}s)",
+            )
+        )
+    if not _URL_PATH.match(check.path) or "#" in check.path:
+        problems.append(("path", f"{check.path!r} must start with '/' (no spaces, no fragment)"))
+    for name, value in (("rise", check.rise), ("fall", check.fall)):
+        if value < 1:
+            problems.append((name, f"must be 1 or more, got {value}"))
+    return problems
+
+
+def server_name(text: str) -> str:
+    """A backend's TLS name (SNI and the name verified): a DNS name or an IP address."""
+    text = text.strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = normalize_hostname(text)
+    if name is None:
+        raise ValueError(f"{text!r} is not a DNS hostname or an IP address")
+    return name
+
+
+def _trust_problems(route: Route) -> list[tuple[str, str]]:
+    """The L7 backend-trust and client-certificate fields (DESIGN.md, second batch)."""
+    problems: list[tuple[str, str]] = []
+    needs_tls = "only with backend_tls: true (the backend leg is cleartext otherwise)"
+    for name, value in (
+        ("backend_ca", route.backend_ca),
+        ("backend_server_name", route.backend_server_name),
+        ("backend_client_cert", route.backend_client_cert),
+        ("backend_client_key", route.backend_client_key),
+    ):
+        if value is not None and not route.backend_tls:
+            problems.append((name, needs_tls))
+    if route.backend_server_name is not None:
+        try:
+            if server_name(route.backend_server_name) != route.backend_server_name:
+                problems.append(("backend_server_name", "must be lower-case"))
+        except ValueError as exc:
+            problems.append(("backend_server_name", str(exc)))
+    for name, path in (("backend_ca", route.backend_ca), ("client_ca", route.client_ca)):
+        if path is not None:
+            problems += [(name, reason) for reason in ca_file_problems(path)]
+    cert, key = route.backend_client_cert, route.backend_client_key
+    if (cert is None) != (key is None):
+        missing = "backend_client_key" if key is None else "backend_client_cert"
+        given = "backend_client_cert" if key is None else "backend_client_key"
+        problems.append((missing, f"required with {given} (a certificate and its key)"))
+        present = cert or key or ""
+        problems += [(given, reason) for reason in filter(None, [_read_problem(present)])]
+    elif cert is not None and key is not None:
+        problems += key_pair_problems(
+            cert, key, cert_field="backend_client_cert", key_field="backend_client_key"
+        )
+    return problems
+
+
+def ca_file_problems(path: str) -> list[str]:
+    """Whether ``path`` is a readable PEM file of CA certificates, as the worker will load it."""
+    reason = _read_problem(path)
+    if reason is not None:
+        return [reason]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except (ssl.SSLError, ValueError) as exc:
+        return [f"is not a PEM file of CA certificates ({getattr(exc, 'reason', None) or exc})"]
+    return []
 
 
 class _EncryptedKeyError(Exception):
@@ -303,16 +463,19 @@ def _read_problem(path: str) -> str | None:
         return exc.strerror or str(exc)
 
 
-def key_pair_problems(cert_path: str, key_path: str) -> list[tuple[str, str]]:
+def key_pair_problems(
+    cert_path: str, key_path: str, *, cert_field: str = "tls_cert", key_field: str = "tls_key"
+) -> list[tuple[str, str]]:
     """Whether a certificate chain and private key load together, as ``(field, reason)`` pairs.
 
     ``ssl.SSLContext.load_cert_chain`` is the judge, since that is what the
     worker runs; ``cryptography`` only refines a failure into which file is at
-    fault. Both paths must be absolute.
+    fault. Both paths must be absolute. The field names default to the route
+    certificate's; the backend client certificate passes its own.
     """
     problems = [
         (name, reason)
-        for name, path in (("tls_cert", cert_path), ("tls_key", key_path))
+        for name, path in ((cert_field, cert_path), (key_field, key_path))
         if (reason := _read_problem(path)) is not None
     ]
     if problems:
@@ -321,13 +484,15 @@ def key_pair_problems(cert_path: str, key_path: str) -> list[tuple[str, str]]:
     try:
         context.load_cert_chain(cert_path, key_path, password=_refuse_password)
     except _EncryptedKeyError:
-        return [("tls_key", "is encrypted; mc-proxy cannot ask for a passphrase")]
+        return [(key_field, "is encrypted; mc-proxy cannot ask for a passphrase")]
     except ssl.SSLError as exc:
-        return [_diagnose(cert_path, key_path, exc)]
+        return [_diagnose(cert_path, key_path, exc, cert_field, key_field)]
     return []
 
 
-def _diagnose(cert_path: str, key_path: str, exc: ssl.SSLError) -> tuple[str, str]:
+def _diagnose(
+    cert_path: str, key_path: str, exc: ssl.SSLError, cert_field: str, key_field: str
+) -> tuple[str, str]:
     with open(cert_path, "rb") as f:
         cert_pem = f.read()
     with open(key_path, "rb") as f:
@@ -335,11 +500,11 @@ def _diagnose(cert_path: str, key_path: str, exc: ssl.SSLError) -> tuple[str, st
     try:
         x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
-        return ("tls_cert", "is not a PEM certificate")
+        return (cert_field, "is not a PEM certificate")
     try:
         serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        return ("tls_key", "is not a PEM private key")
+        return (key_field, "is not a PEM private key")
     if exc.reason == "KEY_VALUES_MISMATCH":
-        return ("tls_key", "does not match the certificate in tls_cert")
-    return ("tls_cert", f"cannot be loaded with tls_key: {exc.reason or exc}")
+        return (key_field, f"does not match the certificate in {cert_field}")
+    return (cert_field, f"cannot be loaded with {key_field}: {exc.reason or exc}")

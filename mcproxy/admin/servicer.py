@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from mcproxy.admin import convert
+from mcproxy.admin import convert, stateapi
 from mcproxy.admin.convert import InvalidArgument
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
@@ -136,6 +136,12 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
         generation = self._change(context, lambda state: convert.remove_route(state, request))
         return pb.RemoveRouteResponse(generation=generation)
 
+    def UpdateRoute(
+        self, request: pb.UpdateRouteRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateRouteResponse:
+        generation = self._change(context, lambda state: convert.update_route(state, request))
+        return pb.UpdateRouteResponse(generation=generation)
+
     # --- firewall ---------------------------------------------------------------------
 
     def GetFirewallRules(
@@ -166,6 +172,60 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
     ) -> pb.SetListenerMaxConnectionsResponse:
         generation = self._change(context, lambda state: convert.max_connections(state, request))
         return pb.SetListenerMaxConnectionsResponse(generation=generation)
+
+    def ListListeners(
+        self, request: pb.ListListenersRequest, context: grpc.ServicerContext
+    ) -> pb.ListListenersResponse:
+        state = self.backend.state
+        return pb.ListListenersResponse(
+            listeners=[
+                pb.ListedListener(
+                    listener=addr,
+                    proxy_protocol=listener.proxy_protocol,
+                    max_connections=listener.max_connections,
+                    routes=len(listener.routes),
+                )
+                for addr, listener in sorted(state.listeners.items())
+            ]
+        )
+
+    def AddListener(
+        self, request: pb.AddListenerRequest, context: grpc.ServicerContext
+    ) -> pb.AddListenerResponse:
+        """Bound on every slot (FAILED_PRECONDITION naming the reason if not, nothing
+        stored), committed, then accepting on every worker when this returns."""
+        generation = self._change(context, lambda _: convert.add_listener(request))
+        return pb.AddListenerResponse(generation=generation)
+
+    def RemoveListener(
+        self, request: pb.RemoveListenerRequest, context: grpc.ServicerContext
+    ) -> pb.RemoveListenerResponse:
+        """No worker accepts on it when this returns; its open connections carry on."""
+        generation = self._change(context, lambda _: convert.remove_listener(request))
+        return pb.RemoveListenerResponse(generation=generation)
+
+    # --- state ------------------------------------------------------------------------
+
+    def ExportState(
+        self, request: pb.ExportStateRequest, context: grpc.ServicerContext
+    ) -> pb.ExportStateResponse:
+        return stateapi.export_state(self.backend.state, self.backend)
+
+    def ApplyState(
+        self, request: pb.ApplyStateRequest, context: grpc.ServicerContext
+    ) -> pb.ApplyStateResponse:
+        outcome = stateapi.apply_state(
+            request, self.backend, lambda: self.backend.state, self.backend.submit, self._wait
+        )
+        if isinstance(outcome, tuple):
+            context.abort(*outcome)
+        log.info(
+            "admin: applied %s: %d changes (generation %d)",
+            request.source_name or "a state",
+            len(outcome.changes) if outcome.changed else 0,
+            outcome.generation,
+        )
+        return outcome
 
     # --- L7 policies ------------------------------------------------------------------
 

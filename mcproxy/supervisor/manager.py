@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import mcproxy
@@ -41,7 +41,7 @@ from mcproxy.model import (
     StateError,
     apply_change,
 )
-from mcproxy.supervisor.sockets import open_listening_socket
+from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
 
@@ -54,9 +54,19 @@ HEARTBEAT_TIMEOUT = 10.0
 ABORT_GRACE = 2.0
 ACK_TIMEOUT = 5.0
 """How long an admin change waits for every worker's acknowledgement."""
+SEND_TIMEOUT = 10.0
+"""A worker that takes no byte of what we have queued for it for this long is killed."""
 STABLE_LIFETIME = 10.0
 """A worker that lived this long before dying is respawned at once; sooner is a crash loop."""
 MAX_BACKOFF = 30.0
+SPARE_LISTENER_ROWS = 64
+"""Shared-memory counter rows kept free for listeners added at runtime."""
+
+
+def cell_columns(workers: int) -> int:
+    """Counter cells per listener row: twice the workers (at least 16), so that during
+    an upgrade the new workers count in cells the old ones do not hold."""
+    return max(16, 2 * workers)
 
 
 def respawn_delay(quick_deaths: int) -> float:
@@ -83,6 +93,8 @@ class WorkerProcess:
     channel: socket.socket
     started: float
     decoder: pipe.FrameDecoder = field(default_factory=pipe.FrameDecoder)
+    outbox: pipe.Outbox = field(default_factory=pipe.Outbox)
+    """Frames the worker has not read yet; the loop writes them as the pipe drains."""
     generation: int = 0
     active_connections: int = 0
     listener_connections: Mapping[str, int] = field(default_factory=dict)
@@ -134,6 +146,7 @@ class Supervisor:
         self.metrics_dir: str | None = None
         self.on_worker_exit: list[Callable[[int], None]] = []
         """Called with the pid of each worker that is gone for good (metrics bookkeeping)."""
+        self._snapshot_cache: tuple[ProxyState, bytes] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -151,8 +164,13 @@ class Supervisor:
             self.slots.append(Slot(index, sockets))
 
     def create_shared_memory(self) -> None:
-        """Create the limits table every worker maps; listeners are fixed for the process."""
-        self.shared = limits.create(sorted(self.state.listeners), self.config.worker_count())
+        """Create the limits table every worker maps, with rows to spare for listeners
+        added at runtime and cells to spare for an upgrade's overlapping workers."""
+        self.shared = limits.create(
+            sorted(self.state.listeners),
+            cell_columns(self.config.worker_count()),
+            rows=len(self.state.listeners) + SPARE_LISTENER_ROWS,
+        )
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -187,8 +205,8 @@ class Supervisor:
         return 0
 
     def wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
-            key.data(key.fileobj)
+        for key, events in self.selector.select(timeout):
+            key.data(key.fileobj, events)
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -197,7 +215,7 @@ class Supervisor:
         deadlines += [p.deadline for p in self.pending]
         return max(0.0, min(deadlines) - now)
 
-    def _drain_wakeups(self, _: object) -> None:
+    def _drain_wakeups(self, _: object, events: int = selectors.EVENT_READ) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -243,7 +261,7 @@ class Supervisor:
         worker = WorkerProcess(slot.index, process, parent_end, started=time.monotonic())
         slot.worker = worker
         parent_end.setblocking(False)
-        self.selector.register(parent_end, selectors.EVENT_READ, self._on_worker_readable)
+        self.selector.register(parent_end, selectors.EVENT_READ, self._on_worker_ready)
         boot = pipe.Boot(
             slot=slot.index,
             listen_fds=fds,
@@ -255,21 +273,45 @@ class Supervisor:
             metrics_dir=self.metrics_dir,
         )
         self._send(worker, boot)
-        self._send(worker, pipe.Snapshot(self.state))
+        self._send_encoded(worker, self._snapshot_frame())
         log.info("worker %d started (pid %d)", slot.index, worker.pid)
 
-    def _send(self, worker: WorkerProcess, message: pipe.Message) -> None:
-        """Write a whole frame; a worker too slow to take it is as good as dead."""
-        data = pipe.encode(message)
-        worker.channel.setblocking(True)
-        worker.channel.settimeout(ACK_TIMEOUT)
+    def _snapshot_frame(self) -> bytes:
+        """The current state's Snapshot frame, encoded once per state (100,000 routes
+        take ~0.4 s to encode): every worker started or respawned before the next
+        change gets the same bytes."""
+        cached = self._snapshot_cache
+        if cached is None or cached[0] is not self.state:
+            cached = (self.state, pipe.encode(pipe.Snapshot(self.state)))
+            self._snapshot_cache = cached
+        return cached[1]
+
+    def _send(
+        self, worker: WorkerProcess, message: pipe.Message, fds: list[int] | None = None
+    ) -> None:
+        """Queue a frame for the worker and write what the pipe takes now; never blocks.
+
+        The rest goes out as the worker reads (:meth:`_on_worker_ready`); a worker
+        that takes nothing for SEND_TIMEOUT is killed by :meth:`kill_unresponsive`."""
+        self._send_encoded(worker, pipe.encode(message), fds or ())
+
+    def _send_encoded(self, worker: WorkerProcess, data: bytes, fds: Sequence[int] = ()) -> None:
+        worker.outbox.push(data, fds)
+        self._flush(worker)
+
+    def _flush(self, worker: WorkerProcess) -> None:
+        if worker.channel.fileno() < 0:
+            return
         try:
-            worker.channel.sendall(data)
+            done = worker.outbox.flush(worker.channel)
         except OSError as exc:
             log.warning("worker %d: pipe write failed (%s); killing it", worker.slot, exc)
             self._kill(worker, signal.SIGKILL)
-        finally:
-            worker.channel.setblocking(False)
+            done = True
+        events = selectors.EVENT_READ if done else selectors.EVENT_READ | selectors.EVENT_WRITE
+        with contextlib.suppress(KeyError, ValueError):
+            if self.selector.get_key(worker.channel).events != events:
+                self.selector.modify(worker.channel, events, self._on_worker_ready)
 
     def _worker_by_pipe(self, sock: object) -> WorkerProcess | None:
         for slot in self.slots:
@@ -277,10 +319,16 @@ class Supervisor:
                 return slot.worker
         return None
 
-    def _on_worker_readable(self, sock: object) -> None:
+    def _on_worker_ready(self, sock: object, events: int = selectors.EVENT_READ) -> None:
         worker = self._worker_by_pipe(sock)
         if worker is None:
             return
+        if events & selectors.EVENT_WRITE:
+            self._flush(worker)
+        if events & selectors.EVENT_READ:
+            self._read_worker(worker)
+
+    def _read_worker(self, worker: WorkerProcess) -> None:
         try:
             data = worker.channel.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
@@ -288,7 +336,8 @@ class Supervisor:
         except OSError:
             data = b""
         if not data:
-            self.selector.unregister(worker.channel)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(worker.channel)
             return  # the process is exiting; reap() collects it
         worker.last_seen = time.monotonic()
         try:
@@ -378,6 +427,17 @@ class Supervisor:
             if worker.aborted_at is not None:
                 if now - worker.aborted_at > ABORT_GRACE:
                     self._kill(worker, signal.SIGKILL)
+            elif worker.outbox and now - worker.outbox.progress_at > SEND_TIMEOUT:
+                log.error(
+                    "worker %d (pid %d) has not read its pipe for %.0fs (%d bytes waiting);"
+                    " killing it",
+                    slot.index,
+                    worker.pid,
+                    SEND_TIMEOUT,
+                    worker.outbox.pending_bytes,
+                )
+                self._kill(worker, signal.SIGKILL)
+                worker.aborted_at = now
             elif now - worker.last_seen > HEARTBEAT_TIMEOUT:
                 log.error("worker %d (pid %d) is unresponsive; aborting it", slot.index, worker.pid)
                 self._kill(worker, signal.SIGABRT)
@@ -442,23 +502,81 @@ class Supervisor:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            opened: dict[str, dict[int, socket.socket]] = {}
             try:
                 new_state = apply_change(self.state, change)  # validates against the state
                 self._check_precondition(change)
+                added = sorted(new_state.listeners.keys() - self.state.listeners.keys())
+                removed = sorted(self.state.listeners.keys() - new_state.listeners.keys())
+                opened = self._open_listener_sockets(new_state, added)  # before the commit
                 self.store.apply(change)  # invariant 2: commit first...
             except Exception as exc:
+                for sockets in opened.values():
+                    for sock in sockets.values():
+                        sock.close()
                 future.set_exception(exc)
                 continue
             self.state = new_state  # ...then the supervisor's state, then the workers
+            for slot in self.slots:
+                for addr in added:
+                    slot.sockets[addr] = opened[addr][slot.index]
             live = [s.worker for s in self.slots if s.worker is not None]
-            delta = pipe.Delta(change, new_state.generation)
-            for worker in live:
-                self._send(worker, delta)
+            if added:
+                for worker in live:
+                    slot_sockets = self.slots[worker.slot - 1].sockets
+                    self._send(
+                        worker,
+                        pipe.Delta(change, new_state.generation, tuple(added)),
+                        [slot_sockets[addr].fileno() for addr in added],
+                    )
+            else:
+                delta = pipe.encode(pipe.Delta(change, new_state.generation))
+                for worker in live:
+                    self._send_encoded(worker, delta)
+            for addr in removed:  # the workers close theirs as they apply the change
+                for slot in self.slots:
+                    if addr in slot.sockets:
+                        slot.sockets.pop(addr).close()
+            if added or removed:
+                log.info("listeners: added %s, removed %s", added or "none", removed or "none")
             waiting = {w.pid for w in live if w.generation < new_state.generation}
             self.pending.append(
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
             )
         self._settle_pending()
+
+    def _open_listener_sockets(
+        self, state: ProxyState, added: list[str]
+    ) -> dict[str, dict[int, socket.socket]]:
+        """Bind each added listener once per slot, and give it a shared-memory row;
+        raises StateError("failed_precondition") naming the address and the reason."""
+        if len(added) > pipe.MAX_FDS:
+            raise StateError(
+                "failed_precondition", f"at most {pipe.MAX_FDS} listeners can be added at once"
+            )
+        opened: dict[str, dict[int, socket.socket]] = {}
+        try:
+            for addr in added:
+                opened[addr] = {}
+                for slot in self.slots:
+                    opened[addr][slot.index] = open_listening_socket(state.listeners[addr].addr)
+                if self.shared is not None and self.shared.limits.add_listener(addr) is None:
+                    raise StateError(
+                        "failed_precondition",
+                        f"cannot add listener {addr}: every shared-memory listener row is"
+                        " taken; restart mc-proxy to make room",
+                    )
+        except ListenError as exc:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise StateError("failed_precondition", str(exc)) from None
+        except BaseException:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise
+        return opened
 
     def _check_precondition(self, change: Change) -> None:
         """Refuse a change this process cannot honour (FAILED_PRECONDITION at the API)."""

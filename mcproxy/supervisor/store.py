@@ -9,22 +9,31 @@ and recorded in ``schema_migrations``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import apsw
 
 from mcproxy.model import (
+    BackendProtocol,
+    Balance,
     Change,
+    ChangeBatch,
     FirewallRuleAdded,
     FirewallRuleKind,
     FirewallRuleRemoved,
     FirewallRules,
+    HealthCheck,
+    HealthCheckKind,
     L7Policy,
     Listener,
+    ListenerAdded,
     ListenerMaxConnectionsSet,
+    ListenerRemoved,
     Mode,
     PolicyAdded,
     PolicyKind,
@@ -33,6 +42,7 @@ from mcproxy.model import (
     Route,
     RouteAdded,
     RouteRemoved,
+    RouteUpdated,
     StateError,
     make_state,
     parse_address,
@@ -80,7 +90,106 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (route_id, kind, value)
     );
     """,
+    # 2: the second batch's route fields (DESIGN.md, "Second batch"). `backends`
+    # is a JSON list of addresses, the route's whole backend list; `backend`
+    # keeps the first of them, so the column stays meaningful and NOT NULL.
+    # A NULL health_kind means no health check.
+    """
+    ALTER TABLE routes ADD COLUMN backends TEXT NOT NULL DEFAULT '[]'
+        CHECK (json_valid(backends) AND json_type(backends) = 'array');
+    UPDATE routes SET backends = json_array(backend);
+    ALTER TABLE routes ADD COLUMN balance TEXT NOT NULL DEFAULT 'round_robin'
+        CHECK (balance IN ('round_robin', 'least_conn', 'source_ip'));
+    ALTER TABLE routes ADD COLUMN health_kind TEXT CHECK (health_kind IN ('tcp', 'http'));
+    ALTER TABLE routes ADD COLUMN health_interval REAL NOT NULL DEFAULT 5.0
+        CHECK (health_interval > 0);
+    ALTER TABLE routes ADD COLUMN health_timeout REAL NOT NULL DEFAULT 2.0
+        CHECK (health_timeout > 0);
+    ALTER TABLE routes ADD COLUMN health_path TEXT NOT NULL DEFAULT '/healthz';
+    ALTER TABLE routes ADD COLUMN health_rise INTEGER NOT NULL DEFAULT 2 CHECK (health_rise >= 1);
+    ALTER TABLE routes ADD COLUMN health_fall INTEGER NOT NULL DEFAULT 3 CHECK (health_fall >= 1);
+    ALTER TABLE routes ADD COLUMN backend_protocol TEXT NOT NULL DEFAULT 'h2'
+        CHECK (backend_protocol IN ('h2', 'h1'));
+    ALTER TABLE routes ADD COLUMN backend_ca TEXT;
+    ALTER TABLE routes ADD COLUMN backend_server_name TEXT;
+    ALTER TABLE routes ADD COLUMN backend_client_cert TEXT;
+    ALTER TABLE routes ADD COLUMN backend_client_key TEXT;
+    ALTER TABLE routes ADD COLUMN client_ca TEXT;
+    """,
 )
+
+_ROUTE_COLUMNS = (
+    "hostname, backend, mode, tls_cert, tls_key, backend_tls, send_proxy_protocol,"
+    " backends, balance, health_kind, health_interval, health_timeout, health_path,"
+    " health_rise, health_fall, backend_protocol, backend_ca, backend_server_name,"
+    " backend_client_cert, backend_client_key, client_ca"
+)
+_ROUTE_PLACEHOLDERS = ", ".join("?" * (_ROUTE_COLUMNS.count(",") + 1))
+
+
+def _route_row(r: Route) -> tuple[object, ...]:
+    """``r`` as the values of :data:`_ROUTE_COLUMNS`, in order."""
+    hc = r.health_check or HealthCheck(HealthCheckKind.TCP)
+    return (
+        r.hostname,
+        str(r.backends[0]),
+        r.mode.value,
+        r.tls_cert,
+        r.tls_key,
+        int(r.backend_tls),
+        int(r.send_proxy_protocol),
+        json.dumps([str(b) for b in r.backends]),
+        r.balance.value,
+        None if r.health_check is None else hc.kind.value,
+        hc.interval,
+        hc.timeout,
+        hc.path,
+        hc.rise,
+        hc.fall,
+        r.backend_protocol.value,
+        r.backend_ca,
+        r.backend_server_name,
+        r.backend_client_cert,
+        r.backend_client_key,
+        r.client_ca,
+    )
+
+
+def _route_from_row(row: tuple[Any, ...], policies: tuple[L7Policy, ...]) -> Route:
+    (hostname, backend, mode, cert, key, btls, spp, backends, balance, hkind, hint, htimeout,
+     hpath, hrise, hfall, protocol, bca, bsni, bcert, bkey, cca) = row  # fmt: skip
+    addresses = json.loads(backends) or [backend]
+    return Route(
+        hostname=str(hostname),
+        backends=tuple(parse_address(str(a)) for a in addresses),
+        mode=Mode(mode),
+        tls_cert=_text(cert),
+        tls_key=_text(key),
+        backend_tls=bool(btls),
+        send_proxy_protocol=bool(spp),
+        policies=policies,
+        balance=Balance(balance),
+        health_check=None
+        if hkind is None
+        else HealthCheck(
+            kind=HealthCheckKind(hkind),
+            interval=float(hint),
+            timeout=float(htimeout),
+            path=str(hpath),
+            rise=int(hrise),
+            fall=int(hfall),
+        ),
+        backend_protocol=BackendProtocol(protocol),
+        backend_ca=_text(bca),
+        backend_server_name=_text(bsni),
+        backend_client_cert=_text(bcert),
+        backend_client_key=_text(bkey),
+        client_ca=_text(cca),
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass
@@ -165,21 +274,11 @@ class Store:
         ):
             policies.setdefault(route_id, []).append(L7Policy(PolicyKind(kind), value))
         routes: dict[int, dict[str, Route]] = {}
-        for row in db.execute(
-            "SELECT id, listener_id, hostname, backend, mode, tls_cert, tls_key,"
-            " backend_tls, send_proxy_protocol FROM routes ORDER BY id"
+        for route_id, listener_id, *row in db.execute(
+            f"SELECT id, listener_id, {_ROUTE_COLUMNS} FROM routes ORDER BY id"
         ):
-            route_id, listener_id, hostname, backend, mode, cert, key, btls, spp = row
-            routes.setdefault(listener_id, {})[hostname] = Route(
-                hostname=hostname,
-                backend=parse_address(backend),
-                mode=Mode(mode),
-                tls_cert=cert,
-                tls_key=key,
-                backend_tls=bool(btls),
-                send_proxy_protocol=bool(spp),
-                policies=tuple(policies.get(route_id, ())),
-            )
+            route = _route_from_row(tuple(row), tuple(policies.get(route_id, ())))
+            routes.setdefault(listener_id, {})[route.hostname] = route
         listeners = [
             Listener(
                 addr=parse_address(addr),
@@ -202,7 +301,10 @@ class Store:
         return make_state(1, listeners, firewall)
 
     def apply(self, change: Change) -> None:
-        """Persist one change in its own transaction; raises StateError if it does not fit."""
+        """Persist one change in its own transaction; raises StateError if it does not fit.
+
+        A :class:`~mcproxy.model.ChangeBatch` is one transaction too: all of it or none.
+        """
         with self._transaction():
             self._apply(change)
 
@@ -236,26 +338,23 @@ class Store:
         try:
             match change:
                 case RouteAdded(listener=addr, route=r):
-                    db.execute(
-                        "INSERT INTO routes (listener_id, hostname, backend, mode, tls_cert,"
-                        " tls_key, backend_tls, send_proxy_protocol)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            self._listener_id(addr),
-                            r.hostname,
-                            str(r.backend),
-                            r.mode.value,
-                            r.tls_cert,
-                            r.tls_key,
-                            int(r.backend_tls),
-                            int(r.send_proxy_protocol),
-                        ),
-                    )
-                    route_id = db.last_insert_rowid()
-                    for policy in r.policies:
-                        self._insert_policy(route_id, policy)
+                    self._insert_route(self._listener_id(addr), r)
                 case RouteRemoved(listener=addr, hostname=hostname):
                     db.execute("DELETE FROM routes WHERE id = ?", (self._route_id(addr, hostname),))
+                case RouteUpdated(listener=addr, route=r):
+                    # Whole replacement: the policies go with the old row (cascade).
+                    db.execute(
+                        "DELETE FROM routes WHERE id = ?", (self._route_id(addr, r.hostname),)
+                    )
+                    self._insert_route(self._listener_id(addr), r)
+                case ListenerAdded(listener=listener):
+                    self._insert_listener(listener)
+                case ListenerRemoved(addr=addr):
+                    # Routes and their policies go with it (ON DELETE CASCADE).
+                    db.execute("DELETE FROM listeners WHERE id = ?", (self._listener_id(addr),))
+                case ChangeBatch(changes=changes):
+                    for item in changes:  # inside the caller's one transaction
+                        self._apply(item)
                 case FirewallRuleAdded(kind=kind, value=value):
                     db.execute(
                         "INSERT INTO firewall_rules (kind, value) VALUES (?, ?)",
@@ -284,6 +383,15 @@ class Store:
                         raise StateError("not_found", f"no policy {policy.kind} {policy.value}")
         except apsw.ConstraintError as exc:
             raise StateError("already_exists", f"{change}: already exists ({exc})") from exc
+
+    def _insert_route(self, listener_id: int, r: Route) -> None:
+        self.db.execute(
+            f"INSERT INTO routes (listener_id, {_ROUTE_COLUMNS}) VALUES (?, {_ROUTE_PLACEHOLDERS})",
+            (listener_id, *_route_row(r)),
+        )
+        route_id = self.db.last_insert_rowid()
+        for policy in r.policies:
+            self._insert_policy(route_id, policy)
 
     def _insert_policy(self, route_id: int, policy: L7Policy) -> None:
         self.db.execute(

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from mcproxy.model import Address, Listener, ProxyState, Route, normalize_hostname
+from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
 from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.clienthello import ClientHello
@@ -118,6 +118,18 @@ class ConnectionServer:
                 self._local[addr] = local
             self.loop.add_reader(sock.fileno(), self._accept, sock, addr)
 
+    def listening(self) -> list[str]:
+        """Addresses of the listeners this worker accepts on."""
+        return list(self._listening)
+
+    def close_listener(self, addr: str) -> None:
+        """Stop accepting on one listener (removed at runtime); its connections go on."""
+        sock = self._listening.pop(addr, None)
+        self._local.pop(addr, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
     def stop_listening(self) -> None:
         """Stop accepting; queued connections stay in the kernel for the next worker."""
         for sock in self._listening.values():
@@ -193,15 +205,11 @@ class ConnectionServer:
 
     @staticmethod
     def route(listener: Listener, hello: ClientHello) -> Route:
-        if hello.sni is None:
-            raise Refused(Reason.NO_ROUTE, "no SNI")
-        # Route keys are canonical, so an SNI equal to one is canonical (the usual case).
-        route = listener.routes.get(hello.sni)
+        # Exact, then *.parent, then the catch-all "*" (ARCHITECTURE.md, "Routing").
+        route = lookup_route(listener.routes, hello.sni)
         if route is None:
-            hostname = normalize_hostname(hello.sni)
-            route = listener.routes.get(hostname) if hostname else None
-        if route is None:
-            raise Refused(Reason.NO_ROUTE, f"unknown SNI {hello.sni!r}")
+            sni = hello.sni
+            raise Refused(Reason.NO_ROUTE, "no SNI" if sni is None else f"unknown SNI {sni!r}")
         return route
 
     @staticmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -42,6 +43,10 @@ class Worker:
     def __init__(self, pipe_sock: socket.socket) -> None:
         self.pipe_sock = pipe_sock
         self.decoder = pipe.FrameDecoder()
+        self.outbox = pipe.Outbox()
+        self._writing = False
+        self.fds: collections.deque[int] = collections.deque()
+        """Descriptors received with frames (SCM_RIGHTS), in order, until a message takes them."""
         self.state = ProxyState()
         self.server: ConnectionServer | None = None
         self.boot: pipe.Boot | None = None
@@ -74,11 +79,12 @@ class Worker:
         # followed by a reset, so a reset must be found in the same call.
         while True:
             try:
-                data = self.pipe_sock.recv(1 << 20)
+                data, fds = pipe.recv_with_fds(self.pipe_sock, 1 << 20)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
+            self.fds.extend(fds)
             if not data:
                 self._supervisor_gone("supervisor pipe closed")
                 return
@@ -110,10 +116,12 @@ class Worker:
                     raise RuntimeError(
                         f"delta for generation {generation} on top of {self.state.generation}"
                     )
+                sockets = self._take_sockets(message.listen_addrs)
                 try:
                     self._set_state(apply_change(self.state, change))
                 except StateError as exc:  # the supervisor checked it: a bug if we get here
                     raise RuntimeError(f"delta does not apply: {exc}") from exc
+                self._sync_listeners(sockets)
             case _:
                 raise RuntimeError(f"unexpected message {message!r}")
         if isinstance(message, pipe.Snapshot | pipe.Delta):
@@ -148,24 +156,53 @@ class Worker:
         self.booted = True
         log.info("worker %d serving generation %d", self.boot.slot, self.state.generation)
 
+    def _take_sockets(self, addrs: tuple[str, ...]) -> dict[str, socket.socket]:
+        """The listening sockets that came with a frame (SCM_RIGHTS), in its order."""
+        if len(self.fds) < len(addrs):
+            raise RuntimeError(f"a delta adds {len(addrs)} listeners but came with fewer fds")
+        return {addr: socket.socket(fileno=self.fds.popleft()) for addr in addrs}
+
+    def _sync_listeners(self, added: dict[str, socket.socket]) -> None:
+        """Accept on listeners just added; stop accepting on those removed (their open
+        connections carry on). Done before the Ack, so the RPC returns only once every
+        worker accepts, or no longer accepts, on them."""
+        server = self.server
+        if server is None:
+            for sock in added.values():
+                sock.close()
+            return
+        for addr in [a for a in server.listening() if a not in self.state.listeners]:
+            server.close_listener(addr)
+            log.info("stopped listening on %s", addr)
+        if added:
+            server.start_listening(added)
+            log.info("listening on %s", ", ".join(added))
+
     def _set_state(self, state: ProxyState) -> None:
         self.state = state
         if self.server is not None:
             self.server.update_state(state)
 
     def _send(self, message: pipe.Message) -> None:
+        """Queue a frame and write what the pipe takes; the rest goes when it drains.
+
+        Never blocks the loop, and a partial write is continued, never resent."""
+        self.outbox.push(pipe.encode(message))
+        self._flush()
+
+    def _flush(self) -> None:
         try:
-            self.pipe_sock.sendall(pipe.encode(message))
-        except BlockingIOError:
-            # The supervisor reads continuously; a full socket buffer means it is stuck.
-            # Blocking briefly is better than losing an Ack.
-            self.pipe_sock.setblocking(True)
-            try:
-                self.pipe_sock.sendall(pipe.encode(message))
-            finally:
-                self.pipe_sock.setblocking(False)
+            done = self.outbox.flush(self.pipe_sock)
         except OSError:
-            self.stopping.set()
+            done = True
+            self._supervisor_gone("supervisor pipe broken")
+        loop = asyncio.get_running_loop()
+        if not done and not self._writing:
+            loop.add_writer(self.pipe_sock.fileno(), self._flush)
+            self._writing = True
+        elif done and self._writing:
+            loop.remove_writer(self.pipe_sock.fileno())
+            self._writing = False
 
     async def _heartbeat(self) -> None:
         parent = os.getppid()

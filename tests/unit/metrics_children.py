@@ -28,7 +28,7 @@ def workload() -> tuple[list[ConnectionRecord], list[RequestRecord]]:
     L7 requests with a policy block. The counts every test expects are derived from it."""
     connections, requests = [], []
     for i in range(ROUTES):
-        route = Route(f"r{i}.test", Address("127.0.0.1", 9000 + i))
+        route = Route(f"r{i}.test", (Address("127.0.0.1", 9000 + i),))
         for up, down in ((100, 1000), (20, 0)):
             record = ConnectionRecord(LISTENER, ("192.0.2.1", 1), ("127.0.0.1", 8443))
             record.route, record.outcome = route, "closed"
@@ -37,7 +37,7 @@ def workload() -> tuple[list[ConnectionRecord], list[RequestRecord]]:
         failed = ConnectionRecord(LISTENER, ("192.0.2.1", 1), ("127.0.0.1", 8443))
         failed.route, failed.outcome = route, "backend_unreachable"
         connections.append(failed)
-        web = Route(f"w{i}.test", Address("127.0.0.1", 9500 + i), mode=Mode.L7)
+        web = Route(f"w{i}.test", (Address("127.0.0.1", 9500 + i),), mode=Mode.L7)
         for status in (200, 404, 502):
             requests.append(RequestRecord(LISTENER, web.hostname, "GET", status, 0.02))
         requests.append(

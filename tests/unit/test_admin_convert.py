@@ -12,10 +12,14 @@ from mcproxy.admin.convert import InvalidArgument
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.model import (
     Address,
+    BackendProtocol,
+    Balance,
     FirewallRuleAdded,
     FirewallRuleKind,
     FirewallRuleRemoved,
     FirewallRules,
+    HealthCheck,
+    HealthCheckKind,
     L7Policy,
     Listener,
     ListenerMaxConnectionsSet,
@@ -27,17 +31,18 @@ from mcproxy.model import (
     Route,
     RouteAdded,
     RouteRemoved,
+    RouteUpdated,
     make_state,
 )
 from mcproxy.status import ListenerStatus, Status, WorkerStatus
-from tests.certs import make_self_signed
+from tests.certs import make_ca, make_self_signed
 
 LISTENER = "127.0.0.1:8443"
 
 
 @pytest.fixture
 def state() -> ProxyState:
-    route = Route("alpha.test", Address("127.0.0.1", 9001))
+    route = Route("alpha.test", (Address("127.0.0.1", 9001),))
     listeners = [
         Listener(Address("127.0.0.1", 8443), routes={"alpha.test": route}),
         Listener(Address("", 443)),
@@ -92,7 +97,7 @@ def test_malformed_listener_is_an_invalid_argument(state: ProxyState, text: str)
 
 def test_add_route_canonicalises_hostname_and_backend(state: ProxyState) -> None:
     change = add(state, hostname="Beta.TEST.", backend="[::0001]:9002")
-    assert change == RouteAdded(LISTENER, Route("beta.test", Address("::1", 9002), Mode.L4))
+    assert change == RouteAdded(LISTENER, Route("beta.test", (Address("::1", 9002),), Mode.L4))
 
 
 def test_add_route_defaults_to_l4(state: ProxyState) -> None:
@@ -112,7 +117,7 @@ def test_l7_route_with_a_pair_that_loads(state: ProxyState, pair: tuple[str, str
     )
     assert change.route == Route(
         "beta.test",
-        Address("127.0.0.1", 9002),
+        (Address("127.0.0.1", 9002),),
         Mode.L7,
         tls_cert=cert,
         tls_key=key,
@@ -126,7 +131,7 @@ def test_l7_route_with_a_pair_that_loads(state: ProxyState, pair: tuple[str, str
     ("route", "field", "reason"),
     [
         ({"hostname": "bad_host!"}, "route.hostname", "not a valid DNS hostname"),
-        ({"hostname": "*.wild.test"}, "route.hostname", "no wildcards"),
+        ({"hostname": "*wild.test"}, "route.hostname", "'*.example.com' for one more label"),
         ({"hostname": ""}, "route.hostname", "required"),
         ({"backend": "127.0.0.1"}, "route.backend", "has no port"),
         ({"backend": ":9002"}, "route.backend", "has no host"),
@@ -287,7 +292,7 @@ def test_route_survives_the_round_trip(pair: tuple[str, str]) -> None:
     cert, key = pair
     route = Route(
         "beta.test",
-        Address("::1", 9002),
+        (Address("::1", 9002),),
         Mode.L7,
         tls_cert=cert,
         tls_key=key,
@@ -331,3 +336,170 @@ def test_status_survives_the_round_trip() -> None:
     )
     message = pb.GetStatusResponse.FromString(convert.status_to_message(status).SerializeToString())
     assert convert.status_from_message(message) == status
+
+
+# --- second batch ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trust(tmp_path: Path, pair: tuple[str, str]) -> dict[str, str]:
+    """An l7 route's files: its pair, a CA file and a client pair (absolute paths)."""
+    ca = make_ca().write(tmp_path)
+    client_cert, client_key = make_self_signed(tmp_path, "client")
+    return {
+        "tls_cert": pair[0],
+        "tls_key": pair[1],
+        "ca": str(ca),
+        "client_cert": str(client_cert),
+        "client_key": str(client_key),
+    }
+
+
+def full_route(trust: dict[str, str]) -> Route:
+    return Route(
+        "*.beta.test",
+        (Address("::1", 9002), Address("backend.internal", 9003)),
+        Mode.L7,
+        tls_cert=trust["tls_cert"],
+        tls_key=trust["tls_key"],
+        backend_tls=True,
+        balance=Balance.SOURCE_IP,
+        health_check=HealthCheck(
+            HealthCheckKind.HTTP, interval=3.0, timeout=0.5, path="/up", rise=1, fall=4
+        ),
+        backend_protocol=BackendProtocol.H1,
+        backend_ca=trust["ca"],
+        backend_server_name="api.internal",
+        backend_client_cert=trust["client_cert"],
+        backend_client_key=trust["client_key"],
+        client_ca=trust["ca"],
+    )
+
+
+def test_every_new_route_field_survives_the_round_trip(trust: dict[str, str]) -> None:
+    route = full_route(trust)
+    message = convert.route_to_message(route)
+    assert message.backend == "[::1]:9002"  # old clients still see a backend
+    assert list(message.backends) == ["[::1]:9002", "backend.internal:9003"]
+    wire = pb.Route.FromString(message.SerializeToString())
+    assert convert.route_from_reply(wire) == route
+    assert convert.route_from_message(wire) == route
+
+
+def test_a_reply_from_an_older_server_has_one_backend() -> None:
+    message = pb.Route(hostname="a.test", backend="127.0.0.1:1", mode="l4")
+    assert convert.route_from_reply(message) == Route("a.test", (Address("127.0.0.1", 1),))
+
+
+def test_backends_canonicalised_and_defaults_applied(state: ProxyState) -> None:
+    change = add(
+        state,
+        hostname="*",
+        backend="",
+        backends=["Host.Test:1", "[::0001]:2"],
+        health_check=pb.HealthCheck(kind="TCP"),
+    )
+    assert change.route == Route(
+        "*",
+        (Address("host.test", 1), Address("::1", 2)),
+        health_check=HealthCheck(HealthCheckKind.TCP),
+    )
+
+
+def test_old_backend_field_alone_or_equal_to_the_first(state: ProxyState) -> None:
+    one = add(state, backend="127.0.0.1:9002")
+    both = add(state, backend="127.0.0.1:9002", backends=["127.0.0.1:9002", "127.0.0.1:9003"])
+    assert one.route.backends == (Address("127.0.0.1", 9002),)
+    assert both.route.backends == (Address("127.0.0.1", 9002), Address("127.0.0.1", 9003))
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "reason"),
+    [
+        (
+            {"backends": ["127.0.0.1:1"]},  # backend 127.0.0.1:9002 from add()
+            "route.backend",
+            "give backend or backends, not both",
+        ),
+        ({"backend": "", "backends": ["127.0.0.1:1", ":2"]}, "route.backends[1]", "has no host"),
+        (
+            {"backend": "", "backends": ["127.0.0.1:1", "127.0.0.1:1"]},
+            "route.backends[1]",
+            "duplicate of backends[0]",
+        ),
+        ({"backend": ""}, "route.backend", "required"),
+        ({"balance": "random"}, "route.balance", "is not one of: round_robin, least_conn"),
+        ({"health_check": pb.HealthCheck()}, "route.health_check.kind", "required"),
+        ({"health_check": pb.HealthCheck(kind="icmp")}, "route.health_check.kind", "tcp, http"),
+        (
+            {"health_check": pb.HealthCheck(kind="tcp", interval_seconds=1, timeout_seconds=2)},
+            "route.health_check.timeout",
+            "must be shorter than interval",
+        ),
+        (
+            {"health_check": pb.HealthCheck(kind="tcp", interval_seconds=-1)},
+            "route.health_check.interval",
+            "greater than zero",
+        ),
+        (
+            {"health_check": pb.HealthCheck(kind="http", path="x")},
+            "route.health_check.path",
+            "must start with '/'",
+        ),
+        ({"backend_protocol": "h3"}, "route.backend_protocol", "not one of: h2, h1"),
+        ({"backend_protocol": "h1"}, "route.backend_protocol", "only for mode l7"),
+        ({"client_ca": "/ca.pem"}, "route.client_ca", "only for mode l7"),
+        ({"backend_ca": "/ca.pem"}, "route.backend_ca", "only for mode l7"),
+        ({"backend_server_name": "a b"}, "route.backend_server_name", "not a DNS hostname"),
+    ],
+)
+def test_invalid_new_route_fields_name_the_field(
+    state: ProxyState, route: dict[str, Any], field: str, reason: str
+) -> None:
+    assert reason in invalid(state, **route)[field]
+
+
+def test_trust_files_are_checked_like_certificates(
+    state: ProxyState, trust: dict[str, str], tmp_path: Path
+) -> None:
+    base = {"mode": "l7", "tls_cert": trust["tls_cert"], "tls_key": trust["tls_key"]}
+    missing = str(tmp_path / "nope.pem")
+    assert "file not found" in invalid(state, **base, client_ca=missing)["route.client_ca"]
+    assert "absolute path" in invalid(state, **base, client_ca="ca.pem")["route.client_ca"]
+    problems = invalid(state, **base, backend_tls=True, backend_client_cert=trust["client_cert"])
+    assert "required with backend_client_cert" in problems["route.backend_client_key"]
+    problems = invalid(state, **base, backend_ca=trust["ca"])
+    assert "only with backend_tls" in problems["route.backend_ca"]
+
+
+def test_update_route_is_validated_like_add_route(state: ProxyState, trust: dict[str, str]) -> None:
+    message = convert.route_to_message(full_route(trust))
+    request = pb.UpdateRouteRequest(listener=" 127.0.0.1:8443", route=message)
+    assert convert.update_route(state, request) == RouteUpdated(LISTENER, full_route(trust))
+    with pytest.raises(InvalidArgument) as caught:
+        convert.update_route(
+            state,
+            pb.UpdateRouteRequest(listener="127.0.0.1:1", route=pb.Route(hostname="a.test")),
+        )
+    fields = dict(caught.value.problems)
+    assert set(fields) == {"listener", "route.backend"}
+    with pytest.raises(InvalidArgument, match=r"^route: required"):
+        convert.update_route(state, pb.UpdateRouteRequest(listener=LISTENER))
+
+
+def test_add_listener_requests_are_validated() -> None:
+    from mcproxy.model import ListenerAdded, ListenerRemoved
+
+    change = convert.add_listener(
+        pb.AddListenerRequest(listener=":8443", proxy_protocol=True, max_connections=5)
+    )
+    assert isinstance(change, ListenerAdded)
+    assert str(change.listener.addr) == ":8443"
+    assert change.listener.proxy_protocol and change.listener.max_connections == 5
+    with pytest.raises(convert.InvalidArgument) as caught:
+        convert.add_listener(pb.AddListenerRequest(listener="nope", max_connections=-1))
+    fields = {field for field, _ in caught.value.problems}
+    assert fields == {"listener", "max_connections"}
+    assert convert.remove_listener(pb.RemoveListenerRequest(listener=":8443")) == (
+        ListenerRemoved(":8443")
+    )

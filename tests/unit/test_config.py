@@ -21,8 +21,20 @@ from mcproxy.config import (
     load_config,
     parse_duration,
 )
-from mcproxy.model import Address, FirewallRules, L7Policy, Listener, Mode, PolicyKind, Route
-from tests.certs import make_self_signed
+from mcproxy.model import (
+    Address,
+    BackendProtocol,
+    Balance,
+    FirewallRules,
+    HealthCheck,
+    HealthCheckKind,
+    L7Policy,
+    Listener,
+    Mode,
+    PolicyKind,
+    Route,
+)
+from tests.certs import make_ca, make_self_signed
 
 
 @pytest.fixture
@@ -151,7 +163,7 @@ def test_full_config_round_trips_into_dataclasses(
     config = load_config(str(path))
     route = Route(
         hostname="example.com",
-        backend=Address("127.0.0.1", 28443),
+        backends=(Address("127.0.0.1", 28443),),
         mode=Mode.L7,
         tls_cert=str(certs[0]),
         tls_key=str(certs[1]),
@@ -162,7 +174,7 @@ def test_full_config_round_trips_into_dataclasses(
             L7Policy(PolicyKind.REQUIRE_HEADER, "x-api-key"),
         ),
     )
-    passthrough = Route("passthrough.example.com", Address("2001:db8::5", 443))
+    passthrough = Route("passthrough.example.com", (Address("2001:db8::5", 443),))
     assert config == Config(
         path=str(path),
         workers=4,
@@ -206,7 +218,7 @@ def test_listener_and_route_defaults_apply(tmp_path: Path) -> None:
     listener = config.seed.listener(":443")
     assert (listener.proxy_protocol, listener.max_connections) == (False, 0)
     assert listener.routes["example.com"] == Route(
-        "example.com", Address("127.0.0.1", 8443), mode=Mode.L4
+        "example.com", (Address("127.0.0.1", 8443),), mode=Mode.L4
     )
 
 
@@ -423,9 +435,9 @@ REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "hostname invalid",
-        with_route(hostname="*.example.com"),
-        f"{R}.hostname: '*.example.com' is not a valid DNS hostname "
-        "(exact names only, no wildcards)",
+        with_route(hostname="a.*.example.com"),
+        f"{R}.hostname: 'a.*.example.com' is not a valid DNS hostname (an exact name, "
+        "'*.example.com' for one more label, or '*' for every other name)",
     ),
     (
         "backend missing",
@@ -651,4 +663,239 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, certs: tuple[Path, Pa
         "listeners[0].routes[1].tls_key: required for mode l7",
         "listeners[0].routes[2].rotue: unknown field",
         "listeners[1].addr: duplicate of listeners[0] (:443)",
+    ]
+
+
+# --- second batch: route fields ---------------------------------------------------------
+
+
+@pytest.fixture
+def trust(tmp_path: Path, certs: tuple[Path, Path]) -> Path:
+    """ca.pem and client.pem/client.key beside the config file (with the route's pair)."""
+    make_ca().write(tmp_path)
+    make_self_signed(tmp_path, "client")
+    return tmp_path
+
+
+def test_second_batch_route_fields_load(tmp_path: Path, trust: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        listeners:
+          - addr: ":443"
+            routes:
+              - hostname: "*.Example.com"
+                backends: ["10.0.0.1:443", "Backend.internal:443", "[::1]:443"]
+                balance: least_conn
+                health_check:
+                  {kind: http, interval: 2s, timeout: 500ms, path: /up, rise: 1, fall: 5}
+                mode: l7
+                tls_cert: example.com.pem
+                tls_key: example.com.key
+                backend_tls: true
+                backend_protocol: h1
+                backend_ca: ca.pem
+                backend_server_name: API.internal
+                backend_client_cert: client.pem
+                backend_client_key: client.key
+                client_ca: ca.pem
+              - hostname: "*"
+                backend: "127.0.0.1:1"
+                health_check: {kind: tcp}
+        """,
+    )
+    routes = load_config(str(path)).seed.listeners[":443"].routes
+    d = str(tmp_path)
+    assert routes["*.example.com"] == Route(
+        "*.example.com",
+        (Address("10.0.0.1", 443), Address("backend.internal", 443), Address("::1", 443)),
+        mode=Mode.L7,
+        tls_cert=f"{d}/example.com.pem",
+        tls_key=f"{d}/example.com.key",
+        backend_tls=True,
+        balance=Balance.LEAST_CONN,
+        health_check=HealthCheck(
+            HealthCheckKind.HTTP, interval=2.0, timeout=0.5, path="/up", rise=1, fall=5
+        ),
+        backend_protocol=BackendProtocol.H1,
+        backend_ca=f"{d}/ca.pem",
+        backend_server_name="api.internal",
+        backend_client_cert=f"{d}/client.pem",
+        backend_client_key=f"{d}/client.key",
+        client_ca=f"{d}/ca.pem",
+    )
+    assert routes["*"] == Route(
+        "*", (Address("127.0.0.1", 1),), health_check=HealthCheck(HealthCheckKind.TCP)
+    )
+
+
+TLS_L7 = {**L7, "backend_tls": True}
+
+SECOND_BATCH_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "backend and backends",
+        with_route(backends=["10.0.0.1:1"]),
+        f"{R}.backends: give backend or backends, not both",
+    ),
+    ("neither backend", with_route(backend=None), f"{R}.backend: required field is missing"),
+    (
+        "backends empty",
+        with_route(backend=None, backends=[]),
+        f"{R}.backends: must list at least one backend",
+    ),
+    (
+        "backends not a list",
+        with_route(backend=None, backends="10.0.0.1:1"),
+        f"{R}.backends: expected list, got string",
+    ),
+    (
+        "backends entry invalid",
+        with_route(backend=None, backends=["10.0.0.1:1", ":80"]),
+        f"{R}.backends[1]: ':80' has no host (':port' only means 'every address')",
+    ),
+    (
+        "backends entry not a string",
+        with_route(backend=None, backends=["10.0.0.1:1", 80]),
+        f"{R}.backends[1]: expected string, got integer",
+    ),
+    (
+        "backends duplicate",
+        with_route(backend=None, backends=["[::1]:1", "10.0.0.2:1", "[::0001]:1"]),
+        f"{R}.backends[2]: duplicate of backends[0] ([::1]:1)",
+    ),
+    (
+        "balance invalid",
+        with_route(balance="least_connections"),
+        f"{R}.balance: 'least_connections' is not one of: round_robin, least_conn, source_ip"
+        " (did you mean 'least_conn'?)",
+    ),
+    (
+        "backend_protocol invalid",
+        with_route(**L7, backend_protocol="http2"),
+        f"{R}.backend_protocol: 'http2' is not one of: h2, h1",
+    ),
+    (
+        "health_check kind missing",
+        with_route(health_check={"interval": "1s"}),
+        f"{R}.health_check.kind: required field is missing",
+    ),
+    (
+        "health_check kind invalid",
+        with_route(health_check={"kind": "htp"}),
+        f"{R}.health_check.kind: 'htp' is not one of: tcp, http (did you mean 'http'?)",
+    ),
+    (
+        "health_check unknown field",
+        with_route(health_check={"kind": "tcp", "intervall": "1s"}),
+        f"{R}.health_check.intervall: unknown field (did you mean 'interval'?)",
+    ),
+    (
+        "health_check interval bare number",
+        with_route(health_check={"kind": "tcp", "interval": 5}),
+        f"{R}.health_check.interval: needs a unit: did you mean '5s'?",
+    ),
+    (
+        "health_check timeout not shorter",
+        with_route(health_check={"kind": "tcp", "interval": "1s", "timeout": "1s"}),
+        f"{R}.health_check.timeout: must be shorter than interval (1s >= 1s)",
+    ),
+    (
+        "health_check path",
+        with_route(health_check={"kind": "http", "path": "healthz"}),
+        f"{R}.health_check.path: 'healthz' must start with '/' (no spaces, no fragment)",
+    ),
+    (
+        "health_check rise zero",
+        with_route(health_check={"kind": "tcp", "rise": 0}),
+        f"{R}.health_check.rise: must be 1 or more, got 0",
+    ),
+    (
+        "health_check fall type",
+        with_route(health_check={"kind": "tcp", "fall": "3"}),
+        f"{R}.health_check.fall: expected integer, got string",
+    ),
+    ("l4 with h1", with_route(backend_protocol="h1"), f"{R}.backend_protocol: {L7_ONLY}"),
+    ("l4 with backend_ca", with_route(backend_ca="ca.pem"), f"{R}.backend_ca: {L7_ONLY}"),
+    (
+        "l4 with backend_server_name",
+        with_route(backend_server_name="a.internal"),
+        f"{R}.backend_server_name: {L7_ONLY}",
+    ),
+    (
+        "l4 with backend_client_cert",
+        with_route(backend_client_cert="client.pem"),
+        f"{R}.backend_client_cert: {L7_ONLY}",
+    ),
+    ("l4 with client_ca", with_route(client_ca="ca.pem"), f"{R}.client_ca: {L7_ONLY}"),
+    (
+        "backend_ca without backend_tls",
+        with_route(**L7, backend_ca="ca.pem"),
+        f"{R}.backend_ca: only with backend_tls: true (the backend leg is cleartext otherwise)",
+    ),
+    (
+        "backend_ca missing file",
+        with_route(**TLS_L7, backend_ca="nope.pem"),
+        f"{R}.backend_ca: file not found",
+    ),
+    (
+        "backend_ca not a CA file",
+        with_route(**TLS_L7, backend_ca="client.key"),
+        f"{R}.backend_ca: is not a PEM file of CA certificates",
+    ),
+    (
+        "client_ca missing file",
+        with_route(**L7, client_ca="nope.pem"),
+        f"{R}.client_ca: file not found",
+    ),
+    (
+        "backend_server_name invalid",
+        with_route(**TLS_L7, backend_server_name="not a name"),
+        f"{R}.backend_server_name: 'not a name' is not a DNS hostname or an IP address",
+    ),
+    (
+        "client cert without key",
+        with_route(**TLS_L7, backend_client_cert="client.pem"),
+        f"{R}.backend_client_key: required with backend_client_cert (a certificate and its key)",
+    ),
+    (
+        "client key without cert",
+        with_route(**TLS_L7, backend_client_key="client.key"),
+        f"{R}.backend_client_cert: required with backend_client_key (a certificate and its key)",
+    ),
+    (
+        "client cert and key mismatch",
+        with_route(
+            **TLS_L7, backend_client_cert="client.pem", backend_client_key="example.com.key"
+        ),
+        f"{R}.backend_client_key: does not match the certificate in backend_client_cert",
+    ),
+    (
+        "client cert missing",
+        with_route(**TLS_L7, backend_client_cert="nope.pem", backend_client_key="client.key"),
+        f"{R}.backend_client_cert: file not found",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [pytest.param(data, expected, id=name) for name, data, expected in SECOND_BATCH_REJECTIONS],
+)
+def test_second_batch_rejection_names_field_path_and_reason(
+    tmp_path: Path, trust: Path, data: dict[str, Any], expected: str
+) -> None:
+    found = problems(tmp_path, data)
+    assert any(p == expected or p.startswith(expected + " (") for p in found), found
+    assert len(found) == 1, found
+
+
+def test_wildcard_and_catch_all_hostnames_are_distinct_routes(tmp_path: Path) -> None:
+    data = with_route(hostname="*.example.com")
+    data["listeners"][0]["routes"] += [
+        {"hostname": "example.com", "backend": "10.0.0.1:1"},
+        {"hostname": "*", "backend": "10.0.0.1:2"},
+        {"hostname": "*.EXAMPLE.com", "backend": "10.0.0.1:3"},
+    ]
+    assert problems(tmp_path, data) == [
+        "listeners[0].routes[3].hostname: duplicate of routes[0] (*.example.com)"
     ]

@@ -25,7 +25,7 @@ def exported() -> dict[str, set[str]]:
     """Every sample name mc-proxy exports -> its label names, with every metric exercised."""
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    route = Route("a.test", Address("127.0.0.1", 1))
+    route = Route("a.test", (Address("127.0.0.1", 1),))
     for outcome, fields in (
         ("closed", {"dial_seconds": 0.001, "bytes_up": 1, "bytes_down": 1}),
         ("backend_timeout", {}),

@@ -10,9 +10,10 @@ from h2.errors import ErrorCodes
 
 from mcproxy.model import Address, L7Policy, PolicyKind
 from mcproxy.worker.l7.frames import encode_goaway
-from mcproxy.worker.l7.h2back import BACKEND_CONNECTION_WINDOW
+from mcproxy.worker.l7.h2back import BACKEND_CONNECTION_WINDOW, BACKEND_STREAM_WINDOW
 from mcproxy.worker.l7.h2front import RAPID_RESET_THRESHOLD
 from mcproxy.worker.l7.h2leg import STREAM_WINDOW
+from mcproxy.worker.l7.pool import MAX_CONNECTIONS
 from tests.unit.l7world import CLIENT_IP, ROUTE, World, policy_route, settings
 
 
@@ -136,17 +137,17 @@ def test_a_paused_client_transport_stops_the_response_until_resumed() -> None:
 
 
 def test_data_buffered_for_streams_the_client_reset_is_acknowledged_to_the_backend() -> None:
-    # Sixteen responses of 1 MiB wait in the proxy (the client's windows are 0) and use up
+    # A full window of responses wait in the proxy (the client's windows are 0) and use up
     # the shared backend connection's whole window. When the client resets them, the proxy
     # must hand those bytes back, or that connection would stay stalled for every client.
     world = World()
     client = world.h2_client(settings(INITIAL_WINDOW_SIZE=0))
-    streams = BACKEND_CONNECTION_WINDOW // STREAM_WINDOW
+    streams = BACKEND_CONNECTION_WINDOW // BACKEND_STREAM_WINDOW
     sids = [client.request(f"/{k}") for k in range(streams)]
     world.run()
     backend = world.backends[0]
     for request in backend.requests():
-        backend.respond(request.stream_id, b"d" * STREAM_WINDOW, end=False)
+        backend.respond(request.stream_id, b"d" * BACKEND_STREAM_WINDOW, end=False)
         world.run()
     assert backend.conn.outbound_flow_control_window == 0
     for sid in sids:
@@ -161,11 +162,11 @@ def test_data_buffered_for_streams_the_client_reset_is_acknowledged_to_the_backe
     sid = other.request("/after")
     world.run()
     request = backend.requests()[-1]
-    backend.respond(request.stream_id, b"a" * STREAM_WINDOW)
+    backend.respond(request.stream_id, b"a" * BACKEND_STREAM_WINDOW)
     for _ in range(100):
         world.run()
         other.ack_all()
-    assert len(other.body(sid)) == STREAM_WINDOW
+    assert len(other.body(sid)) == BACKEND_STREAM_WINDOW
 
 
 def test_trailers_are_forwarded() -> None:
@@ -203,19 +204,21 @@ def test_a_trailers_only_response_stays_a_single_headers_frame() -> None:
     assert not client.of(sid, h2.events.DataReceived)
 
 
-def test_requests_beyond_the_backend_stream_limit_wait_in_line() -> None:
+def test_requests_beyond_the_pool_bound_wait_in_line() -> None:
     world = World(backend_settings=settings(MAX_CONCURRENT_STREAMS=1))
     client = world.h2_client()
-    sids = [client.request(f"/{k}") for k in range(3)]
+    sids = [client.request(f"/{k}") for k in range(MAX_CONNECTIONS + 2)]
     world.run()
-    backend = world.backends[0]
-    assert len(world.backends) == 1
+    assert len(world.backends) == MAX_CONNECTIONS
+    assert [len(b.requests()) for b in world.backends] == [1] * MAX_CONNECTIONS
+    first = world.backends[0]
     for expected in range(1, 4):
-        requests = backend.requests()
+        requests = first.requests()
         assert len(requests) == expected
-        backend.respond(requests[-1].stream_id, f"r{expected}".encode())
+        first.respond(requests[-1].stream_id, f"r{expected}".encode())
         world.run()
-    assert [client.body(sid) for sid in sids] == [b"r1", b"r2", b"r3"]
+    assert [client.body(sid) for sid in sids[:1]] == [b"r1"]
+    assert {client.body(sid) for sid in sids[-2:]} == {b"r2", b"r3"}
 
 
 def test_a_client_reset_reaches_the_backend_with_its_code() -> None:
@@ -324,11 +327,11 @@ def test_dial_failures_give_502_or_504() -> None:
     world.run()
     (group,) = world.dials
     world.dials.clear()
-    group.dial_failed(504, "no answer")
+    group.failed(504, "no answer")
     world.run()
     second = client.request("/")
     world.run()
-    world.dials.pop().dial_failed(502, "refused")
+    world.dials.pop().failed(502, "refused")
     world.run()
     assert client.response(first)[b":status"] == b"504"
     assert client.response(second)[b":status"] == b"502"
@@ -441,7 +444,7 @@ def test_a_broken_backend_does_not_take_down_streams_to_another_backend() -> Non
     client = world.h2_client()
     doomed = client.request("/a")
     world.run()
-    world.route = replace(ROUTE, backend=Address("127.0.0.1", 9001))
+    world.route = replace(ROUTE, backends=(Address("127.0.0.1", 9001),))
     healthy = client.request("/b")
     world.run()
     broken, fine = world.backends

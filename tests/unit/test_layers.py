@@ -55,9 +55,13 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = name.split(".")
                     anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                     base = ".".join([*anchor, base] if base else anchor)
-                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+                # "from mcproxy import pipe" names a module; "from mcproxy import x" a value
+                # of the package (its __init__).
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
             for target in targets:
-                # "from mcproxy import pipe" names a module; "from mcproxy import x" a value.
                 module = target
                 while module and module not in modules:
                     module = module.rpartition(".")[0]

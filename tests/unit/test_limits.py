@@ -337,3 +337,25 @@ def test_a_killed_process_leaves_no_lock_and_its_slot_can_be_cleared(
     assert t.clear_slot(1) + t.clear_slot(2) == sum(held.values())
     assert t.connections(0) == 0
     assert t.try_acquire(0, 0, 1)
+
+
+def test_spare_rows_take_listeners_added_at_runtime() -> None:
+    from mcproxy import limits as limits_module
+
+    shared = limits_module.create(["127.0.0.1:1"], slots=4, buckets=8, rows=3)
+    try:
+        table = shared.limits
+        assert table.listener_index == {"127.0.0.1:1": 0}
+        row = table.add_listener("127.0.0.1:2")
+        assert row == 1 and table.add_listener("127.0.0.1:2") == 1
+        assert table.try_acquire(row, 0, 1) and not table.try_acquire(row, 1, 1)
+        # Another process's view learns the row from the directory.
+        other = limits_module.SharedLimits(shared.mapping, limits_module.NoLock())
+        assert other.listener_index["127.0.0.1:2"] == 1
+        assert table.add_listener("127.0.0.1:3") == 2
+        assert table.add_listener("127.0.0.1:4") is None  # every row taken
+        other.reload_directory()
+        assert other.listener_index["127.0.0.1:3"] == 2
+        other.release_views()
+    finally:
+        shared.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import socket
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from mcproxy.config import Config
-from mcproxy.model import ProxyState
+from mcproxy.model import ListenerMaxConnectionsSet, ProxyState
 from mcproxy.pipe import BOOT_ERROR
 from mcproxy.supervisor import manager
 from mcproxy.supervisor.manager import (
@@ -166,3 +167,74 @@ def test_sighup_is_logged_and_does_not_stop(
     supervisor.handle_signals()
     assert not supervisor.stopping
     assert "SIGHUP ignored" in caplog.text
+
+
+# --- sends never block the loop ---------------------------------------------------
+
+
+def live_worker(sup: Supervisor, slot: Slot, pid: int) -> tuple[WorkerProcess, socket.socket]:
+    """A worker whose far end of the pipe the test holds (and may leave unread)."""
+    import selectors
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    worker = WorkerProcess(slot.index, FakePopen(pid), ours, started=time.monotonic() - 60)  # type: ignore[arg-type]
+    slot.worker = worker
+    sup.selector.register(ours, selectors.EVENT_READ, sup._on_worker_ready)
+    return worker, theirs
+
+
+def big_snapshot() -> Any:
+    from mcproxy import pipe
+    from mcproxy.model import Address, FirewallRules, Listener, Route, make_state
+
+    routes = {f"h{i}.test": Route(f"h{i}.test", (Address("127.0.0.1", 1),)) for i in range(20_000)}
+    return pipe.Snapshot(
+        make_state(1, [Listener(Address("127.0.0.1", 1), routes=routes)], FirewallRules())
+    )
+
+
+def test_a_send_to_a_worker_that_does_not_read_returns_at_once(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcproxy import pipe
+
+    worker, theirs = live_worker(supervisor, supervisor.slots[0], 8001)
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    started = time.monotonic()
+    supervisor._send(worker, big_snapshot())
+    assert time.monotonic() - started < 2.0
+    assert worker.outbox.pending_bytes > 0
+    # Meanwhile the loop goes on: a heartbeat from the worker is read and counted.
+    theirs.sendall(pipe.encode(pipe.Heartbeat(generation=1, active_connections=5)))
+    supervisor.wait(0.5)
+    assert worker.active_connections == 5
+    assert not killed
+    # Nothing taken for SEND_TIMEOUT: killed, not waited for.
+    worker.outbox.progress_at -= manager.SEND_TIMEOUT + 1
+    worker.last_seen = time.monotonic()
+    supervisor.kill_unresponsive()
+    assert killed == [(8001, 9)]
+    theirs.close()
+
+
+def test_the_loop_drains_the_rest_as_the_worker_reads(supervisor: Supervisor) -> None:
+    from mcproxy import pipe
+
+    worker, theirs = live_worker(supervisor, supervisor.slots[0], 8002)
+    snapshot = big_snapshot()
+    supervisor._send(worker, snapshot)
+    supervisor._send(worker, pipe.Delta(ListenerMaxConnectionsSet("127.0.0.1:1", 3), 2))
+    assert worker.outbox
+    theirs.setblocking(False)
+    decoder, got = pipe.FrameDecoder(), list[pipe.Message]()
+    deadline = time.monotonic() + 20
+    while len(got) < 2 and time.monotonic() < deadline:
+        supervisor.wait(0.05)  # EVENT_WRITE: the loop writes more as the pipe drains
+        with contextlib.suppress(BlockingIOError):
+            got += decoder.feed(theirs.recv(1 << 20))
+    assert got[0] == snapshot
+    assert isinstance(got[1], pipe.Delta) and got[1].generation == 2
+    assert not worker.outbox
+    theirs.close()

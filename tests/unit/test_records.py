@@ -11,7 +11,7 @@ from mcproxy.worker.records import ConnectionRecord
 def test_relayed_connection_line() -> None:
     record = ConnectionRecord("127.0.0.1:443", ("192.0.2.7", 50000), ("127.0.0.1", 443))
     record.sni = "a.test"
-    record.route = Route("a.test", Address("127.0.0.1", 8443), Mode.L4)
+    record.route = Route("a.test", (Address("127.0.0.1", 8443),), Mode.L4)
     record.bytes_up, record.bytes_down, record.outcome = 517, 4096, "closed"
     line = re.sub(r"duration=\d+\.\d{3}", "duration=D", record.log_line())
     assert line == (

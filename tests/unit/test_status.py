@@ -13,7 +13,7 @@ from mcproxy.supervisor.status import (
 
 
 def test_status_combines_worker_samples_with_the_state() -> None:
-    route = Route("a.test", Address("127.0.0.1", 9001))
+    route = Route("a.test", (Address("127.0.0.1", 9001),))
     state = make_state(
         5,
         [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def pair(tmp_path: Path) -> tuple[str, str]:
 def l7_route(cert: str | None, key: str | None, policies: tuple[L7Policy, ...] = ()) -> Route:
     return Route(
         hostname="example.com",
-        backend=Address("127.0.0.1", 8443),
+        backends=(Address("127.0.0.1", 8443),),
         mode=Mode.L7,
         tls_cert=cert,
         tls_key=key,
@@ -47,7 +48,9 @@ def test_hostname_is_lower_cased_without_trailing_dot() -> None:
     assert validation.hostname("Example.COM.") == "example.com"
 
 
-@pytest.mark.parametrize("text", ["*.example.com", "exa mple.com", "", "-a.com"])
+@pytest.mark.parametrize(
+    "text", ["a.*.example.com", "*a.example.com", "**", "*.", "exa mple.com", "", "-a.com"]
+)
 def test_hostname_rejects_non_dns_names(text: str) -> None:
     with pytest.raises(ValueError, match="not a valid DNS hostname"):
         validation.hostname(text)
@@ -171,7 +174,7 @@ def test_field_error_is_a_value_error() -> None:
 
 
 def test_valid_l4_route_has_no_problems() -> None:
-    assert validation.route_problems(Route("example.com", Address("10.0.0.1", 443))) == []
+    assert validation.route_problems(Route("example.com", (Address("10.0.0.1", 443),))) == []
 
 
 def test_valid_l7_route_has_no_problems(pair: tuple[str, str]) -> None:
@@ -182,7 +185,7 @@ def test_valid_l7_route_has_no_problems(pair: tuple[str, str]) -> None:
 def test_l4_route_refuses_l7_fields() -> None:
     route = Route(
         "example.com",
-        Address("10.0.0.1", 443),
+        (Address("10.0.0.1", 443),),
         tls_cert="/c.pem",
         tls_key="/k.pem",
         backend_tls=True,
@@ -198,8 +201,8 @@ def test_l7_route_requires_cert_and_key() -> None:
 
 
 def test_route_hostname_must_be_normalised_and_backend_have_a_host() -> None:
-    route = Route("Example.com", Address("", 443))
-    assert [field for field, _ in validation.route_problems(route)] == ["hostname", "backend"]
+    route = Route("Example.com", (Address("", 443),))
+    assert [field for field, _ in validation.route_problems(route)] == ["hostname", "backends[0]"]
 
 
 def test_route_duplicate_policy_is_a_problem(pair: tuple[str, str]) -> None:
@@ -270,3 +273,32 @@ def test_cert_and_key_in_one_file_load(tmp_path: Path, pair: tuple[str, str]) ->
     combined = tmp_path / "combined.pem"
     combined.write_bytes(Path(pair[0]).read_bytes() + Path(pair[1]).read_bytes())
     assert validation.key_pair_problems(str(combined), str(combined)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"), [("*.Example.COM", "*.example.com"), ("*", "*"), ("A.b", "a.b")]
+)
+def test_hostname_takes_wildcards_and_the_catch_all(text: str, stored: str) -> None:
+    assert validation.hostname(text) == stored
+
+
+def test_backend_list_problems_name_the_entry() -> None:
+    a = Address("10.0.0.1", 1)
+    assert validation.backends_problems(()) == [("backends", "at least one backend is required")]
+    assert validation.backends_problems((a, Address("", 2), a)) == [
+        ("backends[1]", "has no host (':port' only means 'every address')"),
+        ("backends[2]", "duplicate of backends[0] (10.0.0.1:1)"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("least-conn", "(did you mean 'least_conn'?)"),
+        ("roundrobin", "(did you mean 'round_robin'?)"),
+        ("weighted", "is not one of: round_robin, least_conn, source_ip"),
+    ],
+)
+def test_balance_suggests_the_nearest_choice(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validation.balance(text)

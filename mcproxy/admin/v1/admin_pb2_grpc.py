@@ -89,6 +89,36 @@ class ProxyAdminServiceStub:
                 request_serializer=mc__proxy_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateRoute = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/UpdateRoute',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteResponse.FromString,
+                _registered_method=True)
+        self.ListListeners = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/ListListeners',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.ListListenersRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ListListenersResponse.FromString,
+                _registered_method=True)
+        self.AddListener = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/AddListener',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.AddListenerRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.AddListenerResponse.FromString,
+                _registered_method=True)
+        self.RemoveListener = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/RemoveListener',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerResponse.FromString,
+                _registered_method=True)
+        self.ExportState = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/ExportState',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.ExportStateRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ExportStateResponse.FromString,
+                _registered_method=True)
+        self.ApplyState = channel.unary_unary(
+                '/mc_proxy.v1.ProxyAdminService/ApplyState',
+                request_serializer=mc__proxy_dot_v1_dot_admin__pb2.ApplyStateRequest.SerializeToString,
+                response_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ApplyStateResponse.FromString,
+                _registered_method=True)
 
 
 class ProxyAdminServiceServicer:
@@ -165,6 +195,55 @@ class ProxyAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRoute(self, request, context):
+        """--- second batch (DESIGN.md, "Second batch") ---
+
+        Replace a route whole, in one step (no connection sees it missing).
+        NOT_FOUND when the listener has no route of that hostname.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListListeners(self, request, context):
+        """Listeners at runtime: bound on every worker when AddListener returns
+        (FAILED_PRECONDITION naming the reason when the address cannot be bound;
+        nothing is stored then); RemoveListener stops listening when it returns
+        and lets open connections finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddListener(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveListener(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportState(self, request, context):
+        """The state (listeners, routes, policies, firewall rules) as YAML in the
+        configuration file's schema.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyState(self, request, context):
+        """Make the state equal to a YAML document's, as one change (one
+        transaction, one generation). INVALID_ARGUMENT naming each field when the
+        document has a problem; nothing changes then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +301,36 @@ def add_ProxyAdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=mc__proxy_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'UpdateRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRoute,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteResponse.SerializeToString,
+            ),
+            'ListListeners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListListeners,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ListListenersRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.ListListenersResponse.SerializeToString,
+            ),
+            'AddListener': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddListener,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.AddListenerRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.AddListenerResponse.SerializeToString,
+            ),
+            'RemoveListener': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveListener,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerResponse.SerializeToString,
+            ),
+            'ExportState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportState,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ExportStateRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.ExportStateResponse.SerializeToString,
+            ),
+            'ApplyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyState,
+                    request_deserializer=mc__proxy_dot_v1_dot_admin__pb2.ApplyStateRequest.FromString,
+                    response_serializer=mc__proxy_dot_v1_dot_admin__pb2.ApplyStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +630,168 @@ class ProxyAdminService:
             '/mc_proxy.v1.ProxyAdminService/GetStatus',
             mc__proxy_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             mc__proxy_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/UpdateRoute',
+            mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.UpdateRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListListeners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/ListListeners',
+            mc__proxy_dot_v1_dot_admin__pb2.ListListenersRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.ListListenersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddListener(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/AddListener',
+            mc__proxy_dot_v1_dot_admin__pb2.AddListenerRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.AddListenerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveListener(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/RemoveListener',
+            mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.RemoveListenerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/ExportState',
+            mc__proxy_dot_v1_dot_admin__pb2.ExportStateRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.ExportStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mc_proxy.v1.ProxyAdminService/ApplyState',
+            mc__proxy_dot_v1_dot_admin__pb2.ApplyStateRequest.SerializeToString,
+            mc__proxy_dot_v1_dot_admin__pb2.ApplyStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,9 @@ class Endpoint(Protocol):
     def reset(self, code: int) -> None:
         """Abort this stream (for HTTP/1.1: the connection)."""
 
+    def close_after_response(self) -> None:
+        """Close the connection once the response in progress is out (HTTP/1.1; HTTP/2: no-op)."""
+
     def stop_request(self) -> None:
         """The response is complete and the rest of the request body is not wanted.
 
@@ -157,6 +160,7 @@ class Flow:
 
     def receive_head(self, headers: Headers, ended: bool) -> None:
         self.head = headers
+        self.exchange.moved += 1
         if ended:
             self.ended = True
         self.pump()
@@ -170,6 +174,7 @@ class Flow:
             self.src.ack(len(data))
             return
         if data:
+            self.exchange.moved += 1
             self.chunks.append(data)
             self.buffered += len(data)
             self.pump()
@@ -178,6 +183,7 @@ class Flow:
         if self.ended:
             return
         self.ended = True
+        self.exchange.moved += 1
         if trailers:
             self.trailers = trailers
         if self.discarding:
@@ -210,6 +216,7 @@ class Flow:
                 return
             end = self.ended and not self.chunks and self.trailers is None
             self.head_sent = True
+            self.exchange.moved += 1
             dst.send_head(self.head, end)
             if self.discarding or self.done:  # the send failed and dropped this flow
                 return
@@ -227,6 +234,7 @@ class Flow:
                 piece, self.chunks[0] = chunk[:room], chunk[room:]
             self.buffered -= len(piece)
             self.forwarded += len(piece)
+            self.exchange.moved += 1
             end = not self.chunks and self.ended and self.trailers is None
             dst.send_data(piece, end)
             self.src.ack(len(piece))
@@ -261,8 +269,8 @@ class Flow:
 
 
 class ExchangeQueue(Protocol):
-    """Where an exchange waits for a backend stream (``pool.BackendGroup``; a protocol
-    here so that the pool depends on the bridge and not the other way round)."""
+    """Where an exchange waits for a backend stream (``pool.BackendPool``; named here
+    so that the pool depends on the bridge and not the other way round)."""
 
     def submit(self, exchange: Exchange) -> None: ...
 
@@ -274,9 +282,13 @@ class Exchange:
 
     ``request`` goes from the client endpoint to the backend endpoint, which
     is ``None`` until a backend stream is opened for it (it may wait in a
-    :class:`~mcproxy.worker.l7.pool.BackendGroup` queue); ``response`` goes
+    :class:`~mcproxy.worker.l7.pool.BackendPool` queue); ``response`` goes
     the other way. ``on_finished`` is called once, when both are done or
     the exchange was reset.
+
+    ``moved`` counts progress (a head, a chunk received or forwarded, an end,
+    either way); the router's deadline sweep calls :meth:`timed_out` when it
+    has not changed for ``idle_timeout``.
     """
 
     def __init__(
@@ -297,9 +309,15 @@ class Exchange:
         self.attached: Endpoint | None = None
         """The backend stream to release when the exchange ends."""
         self.group: ExchangeQueue | None = None
-        """The group whose queue holds this exchange, while it waits for a stream."""
+        """The pool whose queue holds this exchange, while it waits for a stream."""
         self.home: ExchangeQueue | None = None
-        """The group this exchange was submitted to (for a retry)."""
+        """The pool this exchange goes to (the router chose it; kept for a retry)."""
+        self.owner: object = client
+        """The client connection, for the pool's fair share (the router sets it)."""
+        self.moved = 0
+        self.seen = 0
+        self.stale = 0
+        """Deadline sweeps in a row that saw no progress."""
         self.status = 0
         self.blocked_by: PolicyKind | None = None
         self.requeues = 0
@@ -376,6 +394,27 @@ class Exchange:
             return
         self.response.drop()
         self._reset_client(code)
+
+    def timed_out(self) -> None:
+        """No progress for ``idle_timeout``: reset both legs (HTTP/1.1, nothing sent: 408)."""
+        if self.finished:
+            return
+        detail = "no progress within idle_timeout"
+        if self.group is not None:
+            self.group.withdraw(self)
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.reset(ErrorCodes.CANCEL)
+        if not self.client.resettable and not self.response.head_sent:
+            if self.response.buffered:  # from the backend stream just reset: free its window
+                self.response.src.ack(self.response.buffered)
+            self.client.close_after_response()
+            self.respond_locally(408, detail)
+            return
+        self.detail = detail
+        self.request.drop()
+        self.response.drop()
+        self._reset_client(ErrorCodes.CANCEL)
 
     def backend_failed(self, status: int, detail: str) -> None:
         """No backend stream, or its connection broke: a local error or a reset to the client."""

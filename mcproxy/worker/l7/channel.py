@@ -7,6 +7,11 @@ flushed once per event-loop iteration (``wake`` schedules it), so the many
 small writes an exchange makes coalesce. A client transport whose write
 buffer is full stops reading too, so a client that does not read cannot make
 the proxy queue its PING or SETTINGS answers.
+
+A client leg that is receiving a request head has a ``head_deadline``; the
+channel keeps one timer for it and asks the leg to ``check_deadline()`` when
+it passes (the leg decides: 408, or a GOAWAY), so a head trickled a byte at a
+time is cut however steadily it trickles.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import cast
 
+from mcproxy.worker.l7.h1back import H1Back
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
@@ -33,7 +40,7 @@ WRITE_LOW_WATER = 64 * 1024
 _RECV_SIZE = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-Leg = H2Front | H11Front | H2Back
+Leg = H2Front | H11Front | H2Back | H1Back
 
 
 class Channel(asyncio.Protocol):
@@ -58,9 +65,11 @@ class Channel(asyncio.Protocol):
         self._pause_reading_when_full = pause_reading_when_full
         self._flush_scheduled = False
         self._closing = False
+        self._write_eof = False
         self._leg_paused = False
         self._write_paused = False
         self._reading_paused = False
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # --- LegIO --------------------------------------------------------------------------
 
@@ -82,6 +91,15 @@ class Channel(asyncio.Protocol):
 
     def close(self) -> None:
         self._closing = True
+        self.wake()
+
+    def write_eof(self) -> None:
+        """Half-close a cleartext connection once what is queued is out; reading goes on.
+
+        (A WebSocket tunnel whose client ended its side; TLS connections are left open, the
+        backend closes them after its close frame.)
+        """
+        self._write_eof = True
         self.wake()
 
     def abort(self) -> None:
@@ -110,7 +128,26 @@ class Channel(asyncio.Protocol):
         self.bytes_in += len(data)
         self.last_activity = self.loop.time()
         self._guarded(lambda: self._receive(data))
+        if self._head_timer is None and self.leg is not None:
+            self._watch_head()
         self.flush()
+
+    def _watch_head(self) -> None:
+        """Arm the head timer when the leg has a head in progress (one timer at a time)."""
+        assert self.leg is not None
+        deadline = self.leg.head_deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._head_timer = self.loop.call_later(delay, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.leg is None:
+            return
+        self._guarded(self.leg.check_deadline)
+        self.flush()
+        if not self.leg.closed:
+            self._watch_head()  # a later head in progress, if any
 
     def _receive(self, data: bytes) -> None:
         assert self.leg is not None
@@ -134,6 +171,9 @@ class Channel(asyncio.Protocol):
         return True  # keep our side open until the leg closes it (flushes first)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self.leg is not None:
             self._guarded(self.leg.connection_lost)
         if not self.lost.done():
@@ -178,6 +218,9 @@ class Channel(asyncio.Protocol):
             transport.write(out)
         if self._closing:
             transport.close()
+        elif self._write_eof and self.tls is None and transport.can_write_eof():
+            self._write_eof = False
+            transport.write_eof()
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -201,9 +244,10 @@ class Channel(asyncio.Protocol):
 
 
 async def handshake(
-    sock: socket.socket, tls: TlsSession, deadline: float, counts: list[int] | None = None
+    sock: socket.socket, tls: TlsSession, deadline: float | None, counts: list[int] | None = None
 ) -> None:
-    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time).
+    """Drive ``tls`` to the end of its handshake over ``sock`` by ``deadline`` (loop time;
+    None: the caller bounds it, as the backend pool does with ``connect_timeout``).
 
     Raises TimeoutError, ssl.SSLError, or OSError/ConnectionError. ``counts``
     collects [bytes received, bytes sent].

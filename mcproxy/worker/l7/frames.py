@@ -17,16 +17,32 @@ The walk also enforces the frame size limit on the header, where h2 checks it
 only once the whole frame is buffered: a peer announcing a 16 MiB frame (or
 an HTTP/1.1 server answering our preface with text) is refused at once
 instead of being buffered.
+
+Since the walk sees every frame header, it is also where a client's abuse is
+counted (ARCHITECTURE.md, "L7 routes: HTTP/2 abuse budgets"): a
+:class:`FrameWatch` charges each frame that makes no progress (PING,
+SETTINGS, PRIORITY, WINDOW_UPDATE, RST_STREAM, CONTINUATION, empty DATA,
+unknown types) to a token bucket, like HAProxy's glitch counters, and knows
+when a header block (or a frame header) has been in progress since, for the
+head deadline. A spent budget raises :class:`Abuse`; the leg answers GOAWAY
+ENHANCE_YOUR_CALM and closes. Time comes from an injected clock, so tests
+drive it with bytes only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
     "CLIENT_PREFACE",
+    "GLITCH_BUDGET",
+    "GLITCH_RATE",
     "MAX_FRAME_SIZE",
+    "Abuse",
+    "Budget",
     "FrameTooLarge",
+    "FrameWatch",
     "GoAway",
     "GoAwayFilter",
     "encode_goaway",
@@ -36,11 +52,102 @@ CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_FRAME_SIZE = 16384
 """Our SETTINGS_MAX_FRAME_SIZE (the protocol's default; mc-proxy never raises it)."""
 _HEADER = 9
+_DATA = 0x0
+_HEADERS = 0x1
 _GOAWAY = 0x7
+_CONTINUATION = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PROGRESS = frozenset({_DATA, _HEADERS, _GOAWAY})
+"""Frame types that carry a request or its body; every other one is charged as a glitch."""
+
+GLITCH_BUDGET = 1000
+"""Frames without progress a client may send in a burst (PING, SETTINGS, WINDOW_UPDATE...)."""
+GLITCH_RATE = 200.0
+"""...and per second after that; each request opened, and each DATA frame sent to the client
+(which a WINDOW_UPDATE legitimately answers), earns some back."""
 
 
 class FrameTooLarge(Exception):
     """A frame header announced more than :data:`MAX_FRAME_SIZE` bytes (FRAME_SIZE_ERROR)."""
+
+
+class Abuse(Exception):
+    """The peer spent one of its budgets (GOAWAY ENHANCE_YOUR_CALM, then close)."""
+
+
+class Budget:
+    """A token bucket: ``capacity`` tokens, refilled at ``rate`` per second of ``clock``."""
+
+    __slots__ = ("_clock", "_stamp", "capacity", "rate", "tokens")
+
+    def __init__(self, capacity: float, rate: float, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.tokens = capacity
+        self._clock = clock
+        self._stamp = clock()
+
+    def spend(self, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens; False (and nothing taken) when the bucket is empty."""
+        tokens = self.tokens - cost
+        if tokens < 0:
+            now = self._clock()
+            tokens = min(self.capacity, tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if tokens < 0:
+                self.tokens = tokens + cost
+                return False
+        self.tokens = tokens
+        return True
+
+    def earn(self, tokens: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + tokens)
+
+
+class FrameWatch:
+    """What a client's frame headers say about it: glitches spent, head in progress.
+
+    ``head_since``: the clock when the header block (HEADERS up to END_HEADERS,
+    CONTINUATIONs included) or frame header now in progress began; None
+    between frames and while a DATA payload streams.
+    """
+
+    __slots__ = ("_clock", "glitches", "head_since")
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        budget: float = GLITCH_BUDGET,
+        rate: float = GLITCH_RATE,
+    ) -> None:
+        self._clock = clock
+        self.glitches = Budget(budget, rate, clock)
+        self.head_since: float | None = None
+
+    def frame(self, kind: int, flags: int, length: int) -> None:
+        """A frame header arrived. Raises :class:`Abuse`."""
+        if kind in _PROGRESS:
+            if kind == _HEADERS:
+                self.glitches.earn(1)
+            elif kind == _DATA and not length and not flags & _END_STREAM:
+                self._glitch("empty DATA frames")
+            return
+        self._glitch(f"frames of type {kind:#x}")
+
+    def _glitch(self, what: str) -> None:
+        if not self.glitches.spend():
+            raise Abuse(f"flood of {what}")
+
+    def now(self) -> float:
+        return self._clock()
+
+    def begin(self) -> None:
+        if self.head_since is None:
+            self.head_since = self._clock()
+
+    def end(self) -> None:
+        self.head_since = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +171,27 @@ class GoAwayFilter:
     connection preface comes before the first frame.
     """
 
-    __slots__ = ("_goaway", "_goaway_left", "_header", "_preface_left", "_remaining")
+    __slots__ = (
+        "_block_ends",
+        "_goaway",
+        "_goaway_left",
+        "_header",
+        "_in_block",
+        "_preface_left",
+        "_remaining",
+        "watch",
+    )
 
-    def __init__(self, expect_preface: bool) -> None:
+    def __init__(self, expect_preface: bool, watch: FrameWatch | None = None) -> None:
         self._preface_left = len(CLIENT_PREFACE) if expect_preface else 0
         self._header = b""
         self._remaining = 0
         """Payload bytes of the current passed-through frame still to come."""
         self._goaway: bytearray | None = None
         self._goaway_left = 0
+        self.watch = watch
+        self._in_block = False  # inside a header block (HEADERS without END_HEADERS so far)
+        self._block_ends = False  # the frame being passed through ends a header block
 
     def feed(self, data: bytes) -> tuple[bytes, list[GoAway]]:
         """Bytes for h2, and the GOAWAYs found. Raises :class:`FrameTooLarge`."""
@@ -85,11 +204,19 @@ class GoAwayFilter:
             taken = min(self._preface_left, size)
             self._preface_left -= taken
             pos = taken
+            if self.watch is not None:
+                if self._preface_left:
+                    self.watch.begin()
+                else:
+                    self.watch.end()
         while pos < size:
             if self._remaining:
                 taken = min(self._remaining, size - pos)
                 self._remaining -= taken
                 pos += taken
+                if self._block_ends and not self._remaining and self.watch is not None:
+                    self._block_ends = False
+                    self.watch.end()
             elif self._goaway is not None:
                 taken = min(self._goaway_left, size - pos)
                 self._goaway += data[pos : pos + taken]
@@ -109,6 +236,8 @@ class GoAwayFilter:
                     pos += min(need, size - pos)
                     start = pos
                     if len(self._header) < _HEADER:
+                        if self.watch is not None:
+                            self.watch.begin()  # a frame header trickled counts as a head
                         break
                     header, self._header = self._header, b""
                     if not self._classify(header, goaways):
@@ -131,6 +260,19 @@ class GoAwayFilter:
         length = int.from_bytes(header[:3], "big")
         if length > MAX_FRAME_SIZE:
             raise FrameTooLarge(f"frame of {length} bytes announced (type {header[3]:#x})")
+        watch = self.watch
+        if watch is not None:
+            kind = header[3]
+            watch.frame(kind, header[4], length)
+            if kind == _HEADERS or (kind == _CONTINUATION and self._in_block):
+                watch.begin()
+                self._in_block = not header[4] & _END_HEADERS
+                self._block_ends = not self._in_block
+                if self._block_ends and not length:
+                    self._block_ends = False
+                    watch.end()
+            elif not self._in_block:
+                watch.end()
         if header[3] == _GOAWAY:
             if length:
                 self._goaway = bytearray()

@@ -10,6 +10,16 @@ leg has taken the backlog below half of that. The response goes out as fast
 as the client's socket takes it (``capacity`` is 0 while the transport is
 paused), and only then is it acknowledged to the backend.
 
+Request heads (ARCHITECTURE.md, "L7 routes: hostile input"): until a head
+is whole, the bytes that make it are also kept here (at most
+:data:`MAX_HEAD_SIZE`) and checked before h11 parses them, whatever the write
+sizes: size and field count (431), a second Content-Length, Content-Length
+with Transfer-Encoding, obs-fold, NUL (400, then close: the framing of what
+follows cannot be trusted). h11 itself refuses conflicting lengths and
+transfer codings other than ``chunked`` (501). A head must be whole within
+``head_timeout`` of its first byte, else 408 and close. Every refusal has a
+fixed one-line body: nothing of the input is echoed.
+
 ``Expect: 100-continue`` is answered here, when the body is wanted. A
 response that ends before its request body (a 403, an early backend answer)
 discards up to :data:`DISCARD_LIMIT` more body bytes to keep the connection,
@@ -20,22 +30,83 @@ from __future__ import annotations
 
 import http
 import logging
+import re
+import time
+from collections.abc import Callable
 
 import h11
 from h2.errors import ErrorCodes
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
-from mcproxy.worker.l7.headers import Headers, h1_to_h2_request, h2_to_h1_response
+from mcproxy.worker.l7.headers import (
+    MAX_HEADERS,
+    Headers,
+    h1_to_h2_request,
+    h2_to_h1_response,
+    request_trailers,
+)
 from mcproxy.worker.l7.router import Router
+from mcproxy.worker.l7.tunnel import ClientTunnel, as_extended_connect, is_websocket_upgrade
 
-__all__ = ["BODY_HIGH_WATER", "DISCARD_LIMIT", "H11Endpoint", "H11Front"]
+__all__ = [
+    "BODY_HIGH_WATER",
+    "DISCARD_LIMIT",
+    "HEAD_TIMEOUT",
+    "MAX_HEAD_SIZE",
+    "H11Endpoint",
+    "H11Front",
+    "error_response",
+]
 
 log = logging.getLogger("mcproxy.l7")
 
 BODY_HIGH_WATER = 256 * 1024
 DISCARD_LIMIT = 1 << 20
 MAX_HEAD_SIZE = 64 * 1024
+"""A request line and its fields, CRLFs included: a longer head gets 431."""
+HEAD_TIMEOUT = 10.0
+"""The default of ``head_timeout`` (the proxy passes ``handshake_timeout``)."""
 _SEND_SIZE = 64 * 1024
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+_LINE_START = re.compile(rb"\n")
+
+
+def error_response(status: int) -> bytes:
+    """A whole HTTP/1.1 error response with a fixed body, then the connection closes."""
+    phrase = _reason(status)
+    body = b"%d %s\n" % (status, phrase)
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+    ) % (status, phrase, len(body), body)
+
+
+def _head_problem(head: bytes) -> tuple[int, str] | None:
+    """Check a whole request head (its bytes up to the blank line) before h11 parses it."""
+    if len(head) > MAX_HEAD_SIZE:
+        return 431, "request head too large"
+    if head.count(b"\n") > MAX_HEADERS:
+        return 431, "too many header fields"
+    if b"\0" in head:
+        return 400, "NUL in the request head"
+    if _OBS_FOLD.search(head) is not None:
+        return 400, "obs-fold in the request head"
+    lowered = head.lower()
+    lengths = lowered.count(b"\ncontent-length:") + lowered.count(b"\ncontent-length ")
+    if lengths > 1 or (lengths and b"," in _field(lowered, b"content-length")):
+        return 400, "repeated Content-Length"
+    if lengths and (b"\ntransfer-encoding:" in lowered or b"\ntransfer-encoding " in lowered):
+        return 400, "Content-Length with Transfer-Encoding"
+    return None
+
+
+def _field(lowered: bytes, name: bytes) -> bytes:
+    start = lowered.find(b"\n" + name + b":")
+    if start < 0:
+        return b""
+    end = lowered.find(b"\n", start + 1)
+    return lowered[start : end if end >= 0 else len(lowered)]
 
 
 def _reason(status: int) -> bytes:
@@ -80,6 +151,9 @@ class H11Endpoint:
     def reset(self, code: int) -> None:
         self.leg.abort("reset")
 
+    def close_after_response(self) -> None:
+        self.leg.begin_drain()  # Connection: close on the response, then close
+
     def stop_request(self) -> None:
         self.leg.stop_request()
 
@@ -88,7 +162,14 @@ class H11Endpoint:
 
 
 class H11Front:
-    def __init__(self, io: LegIO, router: Router, hostname: str) -> None:
+    def __init__(
+        self,
+        io: LegIO,
+        router: Router,
+        hostname: str,
+        head_timeout: float = HEAD_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         self.io = io
         self.router = router
@@ -106,16 +187,79 @@ class H11Front:
         self._chunked = False
         self._discarded = 0
         self._peer_eof = False
+        self.head_timeout = head_timeout
+        self.clock = clock
+        self.head_deadline: float | None = None
+        """When the head being received must be whole (None: no head in progress)."""
+        self._head = bytearray()  # the bytes of the head in progress, until it was checked
+        self._tapping = True
+        self._upgrade = False  # a WebSocket upgrade request waits for the backend's answer
+        self.tunnel: ClientTunnel | None = None
+        """After a WebSocket's 101: bytes only (``tunnel.py``)."""
 
     # --- input -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.receive_data(data)
+            return
         if self.closed:
+            return
+        if self._tapping and data and not self._tap(data):
             return
         self.conn.receive_data(data)
         self._process()
 
+    def _tap(self, data: bytes) -> bool:
+        """Keep and check the bytes of a head in progress; False when it was refused."""
+        if self.head_deadline is None:
+            self.head_deadline = self.clock() + self.head_timeout
+        head = self._head
+        if not head:
+            # Leading empty lines before a request line are allowed (RFC 9112 section 2.2).
+            data = data.lstrip(b"\r\n")
+        start = max(0, len(head) - 3)
+        head += data  # a bytearray: a head trickled byte by byte costs no quadratic copying
+        end = _HEAD_END.search(head, start)
+        if end is None:
+            if len(head) > MAX_HEAD_SIZE:
+                self.refuse(431, "request head too large")
+                return False
+            return True
+        problem = _head_problem(bytes(head[: end.start()]))
+        self._head = bytearray()
+        self._tapping = False
+        self.head_deadline = None
+        if problem is not None:
+            self.refuse(*problem)
+            return False
+        return True
+
+    def check_deadline(self) -> None:
+        """Called when ``head_deadline`` may have passed: 408 for a head still incomplete."""
+        deadline = self.head_deadline
+        if deadline is not None and not self.closed and self.clock() >= deadline:
+            self.refuse(408, "request head not received within the handshake timeout")
+
+    def refuse(self, status: int, detail: str) -> None:
+        """Answer an unusable request head with a fixed error, then close."""
+        if self.closed:
+            return
+        log.info("HTTP/1.1 request refused (%d): %s", status, detail)
+        self.outcome = "head_timeout" if status == 408 else "protocol_error"
+        self.head_deadline = None
+        exchange = self.current
+        if exchange is not None or self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.abort(self.outcome)
+            return
+        self._out.append(error_response(status))
+        self.io.wake()
+        self._close()
+
     def receive_eof(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.receive_eof()
+            return
         self.receive_data(b"")
 
     def _process(self) -> None:
@@ -156,7 +300,9 @@ class H11Front:
                 exchange.request.receive_data(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 assert exchange is not None
-                trailers = [(bytes(n), bytes(v)) for n, v in event.headers]
+                if self._upgrade:
+                    continue  # what follows a 101 is the tunnel; else it ends at the answer
+                trailers = request_trailers([(bytes(n), bytes(v)) for n, v in event.headers])
                 exchange.request.receive_end(trailers or None)
             elif isinstance(event, h11.ConnectionClosed):
                 self._peer_closed()
@@ -168,6 +314,9 @@ class H11Front:
         headers = [(bytes(n), bytes(v)) for n, v in request.headers]
         method, target = bytes(request.method), bytes(request.target)
         head = h1_to_h2_request(method, target, headers, self.hostname)
+        self._upgrade = is_websocket_upgrade(headers)
+        if self._upgrade:
+            head = as_extended_connect(head)
         exchange = self.router.open(self.endpoint, head, ended=False)
         if not exchange.finished:
             self.current = exchange
@@ -189,27 +338,7 @@ class H11Front:
             exchange.client_reset(ErrorCodes.CANCEL)
             self.abort("protocol_error")
             return
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = exc.error_status_hint
-            body = f"{status} {exc}\n".encode()
-            try:
-                self.send(
-                    h11.Response(
-                        status_code=status,
-                        headers=[
-                            (b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                        reason=_reason(status),
-                    )
-                )
-                self.send(h11.Data(data=body))
-                self.send(h11.EndOfMessage())
-            except h11.LocalProtocolError:
-                pass
-        self.outcome = "protocol_error"
-        self._close()
+        self.refuse(exc.error_status_hint, str(exc))
 
     # --- back-pressure -------------------------------------------------------------------
 
@@ -240,6 +369,9 @@ class H11Front:
 
     def set_writable(self, writable: bool) -> None:
         self.writable = writable
+        if self.tunnel is not None:
+            self.tunnel.set_writable(writable)
+            return
         if writable and self.current is not None:
             self.current.response.pump()
 
@@ -247,6 +379,8 @@ class H11Front:
 
     def data_to_send(self) -> bytes:
         out, self._out = b"".join(self._out), []
+        if self.tunnel is not None:
+            out += self.tunnel.data_to_send()
         return out
 
     def send(self, event: h11.Event) -> None:
@@ -265,6 +399,13 @@ class H11Front:
 
     def send_response(self, headers: Headers, end: bool) -> None:
         status, fields = h2_to_h1_response(headers)
+        if self._upgrade:
+            self._upgrade = False
+            if status == 101:
+                self._switch(fields)
+                return
+            if self.current is not None:  # refused: the upgrade request ends with its answer
+                self.io.schedule(self.current.request.receive_end)
         if not 200 <= status <= 999:
             self.abort("backend_protocol_error")
             return
@@ -280,6 +421,22 @@ class H11Front:
         self.send(h11.Response(status_code=status, headers=fields, reason=_reason(status)))
         if end:
             self.send_end([])
+
+    def _switch(self, fields: Headers) -> None:
+        """The backend took the WebSocket: send the 101, then carry bytes only."""
+        exchange = self.current
+        assert exchange is not None
+        upgrade = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
+        self.send(
+            h11.InformationalResponse(
+                status_code=101, headers=upgrade + fields, reason=b"Switching Protocols"
+            )
+        )
+        if self.closed:
+            return
+        early, closed = self.conn.trailing_data
+        self.tunnel = ClientTunnel(self.io, exchange, bytes(early), closed)
+        self._resume_reading()
 
     def send_informational(self, headers: Headers) -> None:
         status, fields = h2_to_h1_response(headers)
@@ -313,6 +470,10 @@ class H11Front:
             return
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
+            self._tapping = True
+            pipelined = self.conn.trailing_data[0]  # already in h11's buffer: check it only
+            if pipelined and not self._tap(pipelined):
+                return
             self.io.schedule(self._process)
         elif self.conn.our_state is not h11.SEND_RESPONSE:
             self._close()
@@ -341,6 +502,9 @@ class H11Front:
 
     def connection_lost(self) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.connection_lost()
+            return
         exchange = self.current
         if exchange is not None:
             exchange.client_reset(ErrorCodes.CANCEL)

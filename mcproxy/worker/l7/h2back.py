@@ -1,61 +1,64 @@
-"""One HTTP/2 connection to a backend (h2, client side), shared through a ``BackendGroup``.
+"""One HTTP/2 connection to a backend (h2, client side), one of a ``BackendPool``'s.
 
-It is ready once the backend's SETTINGS arrived (so we know it speaks HTTP/2
-and how many streams it takes). A GOAWAY from the backend retires it: streams
-up to ``last_stream_id`` finish here, later ones are retried elsewhere. Its
-connection window is larger than a client's: many clients share it, and a
-few stalled readers must not stall the others.
+Its state (``ConnState``) is CONNECTING until the backend's SETTINGS arrive
+(then we know it speaks HTTP/2 and how many streams it takes), READY, then
+DRAINING after a GOAWAY (or at shutdown), CLOSED at the end; every change
+goes through ``transition``, which tells the pool.
+
+A graceful GOAWAY (NO_ERROR) lets streams up to ``last_stream_id`` finish
+here; later ones never reached the backend and are retried elsewhere. A
+GOAWAY with an error, or a protocol error, is a connection error: it ends
+the streams of this connection alone, and none of them is retried (one of
+them may have caused it).
+
+Windows: the connection window is at least the sum of the stream windows of
+the streams it may carry (:data:`MAX_STREAMS` x :data:`BACKEND_STREAM_WINDOW`),
+so stalled readers on some streams, which leave their stream window full,
+can never stall the other streams of the connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Protocol
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import GoAway
 from mcproxy.worker.l7.h2leg import (
     DEFAULT_WINDOW,
     MAX_HEADER_LIST_SIZE,
-    STREAM_WINDOW,
     H2Endpoint,
     H2Leg,
     headers_of,
 )
+from mcproxy.worker.l7.h2lib import (
+    H2Configuration,
+    H2Connection,
+    ProtocolError,
+    SettingCodes,
+    Settings,
+)
+from mcproxy.worker.l7.h2lib import events as ev
 from mcproxy.worker.l7.headers import Headers, end_to_end
+from mcproxy.worker.l7.pool import ConnState, PooledConnection, header_list_size
 
-__all__ = ["BACKEND_CONNECTION_WINDOW", "BackendOwner", "H2Back"]
-
-
-class BackendOwner(Protocol):
-    """The group that shares a backend connection (``pool.BackendGroup``; a protocol
-    here so that the pool depends on this module and not the other way round)."""
-
-    def dispatch(self) -> None: ...
-
-    def stream_closed(self) -> None: ...
-
-    def retire(self, leg: H2Back, unprocessed: list[Exchange]) -> None: ...
-
-    def closed(self, leg: H2Back) -> None: ...
-
+__all__ = ["BACKEND_CONNECTION_WINDOW", "BACKEND_STREAM_WINDOW", "MAX_STREAMS", "H2Back"]
 
 log = logging.getLogger("mcproxy.l7")
 
-BACKEND_CONNECTION_WINDOW = 16 << 20
+MAX_STREAMS = 64
+"""Streams per backend connection at most, whatever the backend allows; the pool dials more
+connections beyond (up to ``pool.MAX_CONNECTIONS``)."""
+BACKEND_STREAM_WINDOW = 256 * 1024
+"""What a backend may send on one stream before the proxy's client leg took it."""
+BACKEND_CONNECTION_WINDOW = MAX_STREAMS * BACKEND_STREAM_WINDOW
+"""16 MiB: every stream may fill its window and the others still have room."""
 
 
-class H2Back(H2Leg):
-    """One HTTP/2 connection to a backend, shared by the exchanges of a :class:`BackendGroup`."""
+class H2Back(H2Leg, PooledConnection):
+    """One HTTP/2 connection to a backend, carrying the exchanges its pool gives it."""
 
     def __init__(self, io: LegIO) -> None:
         conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
@@ -63,35 +66,69 @@ class H2Back(H2Leg):
             client=True,
             initial_values={
                 SettingCodes.ENABLE_PUSH: 0,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCodes.INITIAL_WINDOW_SIZE: BACKEND_STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             },
         )
         conn.initiate_connection()
         conn.increment_flow_control_window(BACKEND_CONNECTION_WINDOW - DEFAULT_WINDOW)
-        super().__init__(conn, io, expect_preface=False)
-        self.group: BackendOwner | None = None
-        self.ready = False
-        """The backend's SETTINGS arrived: it speaks HTTP/2 and we know its limits."""
-        self.on_ready: Callable[[], None] | None = None
-        self.on_closed: Callable[[], None] | None = None
-        self.draining = False
-        self.failure: str | None = None
+        H2Leg.__init__(self, conn, io, expect_preface=False)
+        PooledConnection.__init__(self)
         self._unopened: set[int] = set()
+        self._limit = 1
+        self._header_limit: int | None = None
 
     @property
-    def usable(self) -> bool:
-        return self.ready and not self.draining and not self.closed
+    def ready(self) -> bool:
+        return self.state is ConnState.READY
 
-    def free_streams(self) -> int:
-        limit = self.conn.remote_settings.max_concurrent_streams
-        return int(limit - self.conn.open_outbound_streams)
+    # --- BackendConnection --------------------------------------------------------------
+
+    def stream_limit(self) -> int:
+        return self._limit
+
+    def stream_count(self) -> int:
+        return len(self.streams)
+
+    def refuse(self, head: Headers) -> tuple[int, str] | None:
+        limit = self._header_limit
+        if limit is not None and (size := header_list_size(head)) > limit:
+            return 431, f"request header list of {size} bytes over the backend's {limit}"
+        return None
 
     def open_stream(self, exchange: Exchange) -> None:
         sid = self.conn.get_next_available_stream_id()
         self.streams[sid] = exchange
         self._unopened.add(sid)
         exchange.attach(H2Endpoint(self, sid))
+
+    def drain(self) -> None:
+        """Shutdown: take no new streams and close once the open ones end."""
+        if self.state is ConnState.READY:
+            self.transition(ConnState.DRAINING)
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        """Close an idle (or drained) connection."""
+        if self.closed:
+            return
+        self.send_goaway(0)
+        self.closed = True
+        self.io.close()
+        self.transition(ConnState.CLOSED)
+        self._fail_all("backend connection closed")
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.failure = self.failure or "backend connection aborted"
+        self.io.abort()
+        self.transition(ConnState.CLOSED)
+        self._fail_all(self.failure)
+
+    # --- leg --------------------------------------------------------------------------------
 
     def outbound(self, exchange: Exchange) -> Flow:
         return exchange.request
@@ -121,18 +158,22 @@ class H2Back(H2Leg):
             if (exchange := self.streams.get(event.stream_id)) is not None:
                 exchange.response.receive_informational(end_to_end(headers_of(event.headers)))
         elif isinstance(event, ev.StreamReset):
-            if (exchange := self.streams.pop(event.stream_id, None)) is not None:
+            if (exchange := self._forget(event.stream_id)) is not None:
                 exchange.backend_reset(event.error_code)
-                self._stream_gone()
+                self._drained()
         elif isinstance(event, ev.RemoteSettingsChanged):
-            if not self.ready:
-                self.ready = True
-                if self.on_ready is not None:
-                    self.on_ready()
+            self._read_settings()
+            if self.state is ConnState.CONNECTING:
+                self.transition(ConnState.READY)
             else:
                 self._settings_changed(event)
-                if self.group is not None:
-                    self.group.dispatch()
+                if self.pool is not None and self.pool.queued:
+                    self.pool.dispatch()
+
+    def _read_settings(self) -> None:
+        remote = self.conn.remote_settings
+        self._limit = max(0, min(remote.max_concurrent_streams, MAX_STREAMS))
+        self._header_limit = remote.max_header_list_size
 
     def send_headers(self, sid: int, headers: Headers, end: bool) -> None:
         opening = sid in self._unopened
@@ -146,57 +187,72 @@ class H2Back(H2Leg):
             # A request head HTTP/2 cannot carry. h2 already created the stream: close it.
             with contextlib.suppress(ProtocolError):
                 self.conn.reset_stream(sid, ErrorCodes.CANCEL)
-            if (exchange := self.streams.pop(sid, None)) is not None:
+            if (exchange := self._forget(sid)) is not None:
                 exchange.backend_failed(502, f"request not sendable over HTTP/2: {exc}")
         self.io.wake()
 
     def stop_request(self, sid: int) -> None:  # pragma: no cover - a backend is never a client
         raise AssertionError("a backend leg has no request to stop")
 
-    def release(self, sid: int) -> None:
-        self.streams.pop(sid, None)
-        self._stream_gone()
+    def reset_stream(self, sid: int, code: int) -> None:
+        # h2 first, then the pool: it may give the freed slot out at once.
+        exchange = self.streams.pop(sid, None)
+        self._unopened.discard(sid)
+        if not self.closed:
+            with contextlib.suppress(ProtocolError):
+                self.conn.reset_stream(sid, code)
+            self.io.wake()
+        if exchange is not None and self.pool is not None:
+            self.pool.released(self, exchange)
+        self._drained()
 
-    def _stream_gone(self) -> None:
-        if self.draining and not self.streams:
+    def release(self, sid: int) -> None:
+        self._forget(sid)
+        self._drained()
+
+    def _forget(self, sid: int) -> Exchange | None:
+        """Every stream leaves ``streams`` through here, so the pool's counts stay right."""
+        exchange = self.streams.pop(sid, None)
+        self._unopened.discard(sid)
+        if exchange is not None and self.pool is not None:
+            self.pool.released(self, exchange)
+        return exchange
+
+    def _drained(self) -> None:
+        if self.state is ConnState.DRAINING and not self.streams:
             self.close()
-        elif self.group is not None:
-            self.group.stream_closed()
 
     def on_goaway(self, goaway: GoAway) -> None:
         """The backend is leaving: streams above ``last_stream_id`` never reached it."""
-        self.draining = True
-        unprocessed = [ex for sid, ex in self.streams.items() if sid > goaway.last_stream_id]
-        for sid in [sid for sid in self.streams if sid > goaway.last_stream_id]:
-            self.reset_stream(sid, ErrorCodes.CANCEL)
-        if self.group is not None:
-            self.group.retire(self, unprocessed)
-        else:
-            for exchange in unprocessed:
-                exchange.backend_failed(502, "backend went away")
-        if not self.streams:
-            self.close()
-
-    def retire_when_idle(self) -> None:
-        """Shutdown: take no new streams and close once the open ones end."""
-        self.draining = True
-        if self.group is not None:
-            self.group.retire(self, [])
-        if not self.streams:
-            self.close()
+        if self.state is ConnState.CONNECTING:
+            self.fail("goaway", f"backend sent GOAWAY ({goaway.error_code}) before SETTINGS")
+            return
+        if self.state is ConnState.READY:
+            self.transition(ConnState.DRAINING)
+        graceful = goaway.error_code == ErrorCodes.NO_ERROR
+        unprocessed = [sid for sid in self.streams if sid > goaway.last_stream_id]
+        exchanges = [self._forget(sid) for sid in unprocessed]
+        for sid in unprocessed:
+            with contextlib.suppress(ProtocolError):
+                self.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        self.io.wake()
+        for exchange in exchanges:
+            if exchange is None:
+                continue
+            if graceful:
+                exchange.requeue_or_fail("backend went away before processing the request")
+            else:
+                # A connection error: one of these requests may have caused it. No retry.
+                exchange.backend_failed(
+                    502, f"backend connection error (GOAWAY code {goaway.error_code})"
+                )
+        if not graceful:
+            log.warning("backend sent GOAWAY with error code %d", goaway.error_code)
+        self._drained()
 
     def receive_eof(self) -> None:
         self.connection_lost()
         self.io.close()
-
-    def close(self) -> None:
-        """Close an idle (or drained) connection."""
-        if self.closed:
-            return
-        self.send_goaway(0)
-        self.closed = True
-        self.io.close()
-        self._closed()
 
     def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
         if self.closed:
@@ -210,26 +266,28 @@ class H2Back(H2Leg):
         self.closed = True
         self.io.wake()
         self.io.close()
+        self.transition(ConnState.CLOSED)
         self._fail_all(f"backend broke the protocol: {detail}")
-        self._closed()
 
     def connection_lost(self, detail: str = "backend closed the connection") -> None:
-        if self.closed and not self.streams:
-            self._closed()
+        if self.state is ConnState.CLOSED:
             return
         self.closed = True
+        self.failure = self.failure or detail
+        self.transition(ConnState.CLOSED)
         self._fail_all(detail)
-        self._closed()
 
     def _fail_all(self, detail: str) -> None:
+        """Every stream of this connection ends (502, or a reset if the response started).
+
+        Called once the state is CLOSED, so the pool does not give these streams' slots out
+        again on this connection.
+        """
+        self._unopened.clear()
         streams, self.streams = self.streams, {}
+        pool = self.pool
+        if pool is not None:
+            for exchange in streams.values():
+                pool.released(self, exchange)
         for exchange in streams.values():
             exchange.backend_failed(502, detail)
-
-    def _closed(self) -> None:
-        if self.group is not None:
-            group, self.group = self.group, None
-            group.closed(self)
-        if self.on_closed is not None:
-            callback, self.on_closed = self.on_closed, None
-            callback()

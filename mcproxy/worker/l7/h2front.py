@@ -9,16 +9,14 @@ before their responses end is cut off (Rapid Reset, CVE-2023-44487).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
-from mcproxy.worker.l7.frames import GoAway
+from mcproxy.worker.l7.frames import Budget, FrameWatch, GoAway
 from mcproxy.worker.l7.h2leg import (
     DEFAULT_WINDOW,
     MAX_HEADER_LIST_SIZE,
@@ -27,12 +25,22 @@ from mcproxy.worker.l7.h2leg import (
     H2Leg,
     headers_of,
 )
-from mcproxy.worker.l7.headers import end_to_end
+from mcproxy.worker.l7.h2lib import H2Configuration, H2Connection, SettingCodes, Settings
+from mcproxy.worker.l7.h2lib import events as ev
+from mcproxy.worker.l7.headers import request_trailers
 
 if TYPE_CHECKING:
     from mcproxy.worker.l7.router import Router
 
-__all__ = ["CLIENT_CONNECTION_WINDOW", "MAX_CLIENT_STREAMS", "RAPID_RESET_THRESHOLD", "H2Front"]
+__all__ = [
+    "CLIENT_CONNECTION_WINDOW",
+    "HEAD_TIMEOUT",
+    "MAX_CLIENT_STREAMS",
+    "RAPID_RESET_BUDGET",
+    "RAPID_RESET_RATE",
+    "RAPID_RESET_THRESHOLD",
+    "H2Front",
+]
 
 log = logging.getLogger("mcproxy.l7")
 
@@ -41,12 +49,24 @@ MAX_CLIENT_STREAMS = 128
 RAPID_RESET_THRESHOLD = 100
 """A client that reset this many streams before their response ended, and at least half of
 all its streams, is cut off (CVE-2023-44487). Legitimate cancellations stay far below."""
+RAPID_RESET_BUDGET = 200
+RAPID_RESET_RATE = 10.0
+"""The absolute budget of streams a client may reset before their response ended: a burst
+of this many, then this many per second, however many real requests dilute them."""
+HEAD_TIMEOUT = 10.0
+"""The default of ``head_timeout`` (the proxy passes ``handshake_timeout``)."""
 
 
 class H2Front(H2Leg):
     """The client's HTTP/2 connection: streams become exchanges through the router."""
 
-    def __init__(self, io: LegIO, router: Router) -> None:
+    def __init__(
+        self,
+        io: LegIO,
+        router: Router,
+        head_timeout: float = HEAD_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         conn.local_settings = Settings(
             client=False,
@@ -54,11 +74,15 @@ class H2Front(H2Leg):
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CLIENT_STREAMS,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+                # RFC 8441: WebSockets over extended CONNECT (routes with backend_protocol h1).
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
             },
         )
         conn.initiate_connection()
         conn.increment_flow_control_window(CLIENT_CONNECTION_WINDOW - DEFAULT_WINDOW)
-        super().__init__(conn, io, expect_preface=True)
+        watch = FrameWatch(clock)
+        super().__init__(conn, io, expect_preface=True, watch=watch, head_timeout=head_timeout)
+        self.resets = Budget(RAPID_RESET_BUDGET, RAPID_RESET_RATE, clock)
         self.router = router
         self.streams_opened = 0
         self.premature_resets = 0
@@ -96,7 +120,7 @@ class H2Front(H2Leg):
             self._window_updated(event)
         elif isinstance(event, ev.TrailersReceived):
             if (exchange := self.streams.get(event.stream_id)) is not None:
-                exchange.request.receive_end(end_to_end(headers_of(event.headers)))
+                exchange.request.receive_end(request_trailers(headers_of(event.headers)))
         elif isinstance(event, ev.StreamReset):
             self._reset(event.stream_id, event.error_code)
         elif isinstance(event, ev.RemoteSettingsChanged):
@@ -123,7 +147,7 @@ class H2Front(H2Leg):
             return
         self.premature_resets += 1
         exchange.client_reset(code)
-        if (
+        if not self.resets.spend() or (
             self.premature_resets >= RAPID_RESET_THRESHOLD
             and self.premature_resets * 2 >= self.streams_opened
         ):

@@ -20,14 +20,19 @@ import contextlib
 import logging
 from typing import cast
 
-import h2.events as ev
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
-from mcproxy.worker.l7.frames import FrameTooLarge, GoAway, GoAwayFilter, encode_goaway
+from mcproxy.worker.l7.frames import (
+    Abuse,
+    FrameTooLarge,
+    FrameWatch,
+    GoAway,
+    GoAwayFilter,
+    encode_goaway,
+)
+from mcproxy.worker.l7.h2lib import H2Connection, ProtocolError, SettingCodes
+from mcproxy.worker.l7.h2lib import events as ev
 from mcproxy.worker.l7.headers import Headers
 
 __all__ = [
@@ -81,6 +86,9 @@ class H2Endpoint:
     def reset(self, code: int) -> None:
         self.leg.reset_stream(self.stream_id, code)
 
+    def close_after_response(self) -> None:
+        return None  # one stream of many: the connection stays
+
     def stop_request(self) -> None:
         self.leg.stop_request(self.stream_id)
 
@@ -91,10 +99,20 @@ class H2Endpoint:
 class H2Leg:
     """What both HTTP/2 legs share: the filter, the output, sending, windows, streams."""
 
-    def __init__(self, conn: H2Connection, io: LegIO, expect_preface: bool) -> None:
+    def __init__(
+        self,
+        conn: H2Connection,
+        io: LegIO,
+        expect_preface: bool,
+        watch: FrameWatch | None = None,
+        head_timeout: float = 0.0,
+    ) -> None:
         self.conn = conn
         self.io = io
-        self.filter = GoAwayFilter(expect_preface)
+        self.watch = watch
+        """The peer's budgets and head in progress (the client leg only)."""
+        self.head_timeout = head_timeout
+        self.filter = GoAwayFilter(expect_preface, watch)
         self.streams: dict[int, Exchange] = {}
         self.writable = True
         self.closed = False
@@ -130,6 +148,10 @@ class H2Leg:
             data, goaways = self.filter.feed(data)
         except FrameTooLarge as exc:
             self.fail("protocol_error", str(exc), ErrorCodes.FRAME_SIZE_ERROR)
+            return
+        except Abuse as exc:
+            log.warning("HTTP/2 peer over budget: %s", exc)
+            self.fail("abuse", str(exc), ErrorCodes.ENHANCE_YOUR_CALM)
             return
         if data:
             try:
@@ -169,6 +191,24 @@ class H2Leg:
         if SettingCodes.INITIAL_WINDOW_SIZE in changed or SettingCodes.MAX_FRAME_SIZE in changed:
             self.pump_all()
 
+    @property
+    def head_deadline(self) -> float | None:
+        """When the header block (or frame header) in progress must be whole."""
+        watch = self.watch
+        if watch is None or watch.head_since is None:
+            return None
+        return watch.head_since + self.head_timeout
+
+    def check_deadline(self) -> None:
+        """Called when ``head_deadline`` may have passed: the connection ends if it has."""
+        deadline = self.head_deadline
+        if deadline is not None and self.watch is not None and self.watch.now() >= deadline:
+            self.fail(
+                "head_timeout",
+                "request head not received within the handshake timeout",
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            )
+
     # --- output -----------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
@@ -207,6 +247,8 @@ class H2Leg:
     def send_data(self, sid: int, data: bytes, end: bool) -> None:
         if self.closed:
             return
+        if self.watch is not None:
+            self.watch.glitches.earn(2)  # the WINDOW_UPDATEs this frame may be answered with
         try:
             self.conn.send_data(sid, data, end_stream=end)
         except ProtocolError as exc:

@@ -16,26 +16,47 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
 
-from mcproxy.model import Route
+from mcproxy.model import BackendProtocol, Route, lookup_route
 from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
-from mcproxy.worker.l7.certs import CertStore
+from mcproxy.worker.l7.certs import (
+    BackendContexts,
+    BackendTrust,
+    CertStore,
+    client_cert_header,
+)
 from mcproxy.worker.l7.channel import Channel, handshake
+from mcproxy.worker.l7.clock import LoopClock
+from mcproxy.worker.l7.h1back import H1Back
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
-from mcproxy.worker.l7.pool import BackendGroup, BackendKey
+from mcproxy.worker.l7.pool import MAX_CONNECTIONS, BackendKey, BackendPool, ConnState, Dial
 from mcproxy.worker.l7.router import Router
-from mcproxy.worker.l7.tls import ALPN_H2, TlsSession, backend_context
+from mcproxy.worker.l7.tls import ALPN_H2, ALPN_HTTP1, TlsSession, backend_context
 from mcproxy.worker.listener import ConnectionServer
 from mcproxy.worker.proxy_protocol import encode_v2
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 from mcproxy.worker.relay import reset
 
-__all__ = ["L7Proxy"]
+__all__ = ["H1_MAX_CONNECTIONS", "L7Proxy", "backend_key"]
+
+H1_MAX_CONNECTIONS = 256
+"""Connections per HTTP/1.1 backend per worker: one request each (a WebSocket leaves the pool)."""
+
+
+def backend_key(route: Route, proxy_header: bytes = b"") -> BackendKey:
+    """The pool a route's requests go to: address, TLS, protocol, trust (and PROXY header)."""
+    trust = BackendTrust(
+        ca=route.backend_ca,
+        server_name=route.backend_server_name,
+        client_cert=route.backend_client_cert,
+        client_key=route.backend_client_key,
+    )
+    return BackendKey(route.backend, route.backend_tls, proxy_header, route.backend_protocol, trust)
+
 
 log = logging.getLogger("mcproxy.l7")
 
@@ -43,11 +64,17 @@ log = logging.getLogger("mcproxy.l7")
 class _Session:
     """One client connection after its handshake: a leg, its router, its idle timer."""
 
-    def __init__(self, proxy: L7Proxy, record: ConnectionRecord, route: Route) -> None:
+    def __init__(
+        self,
+        proxy: L7Proxy,
+        record: ConnectionRecord,
+        route: Route,
+        client_cert: bytes | None = None,
+    ) -> None:
         self.proxy = proxy
         self.record = record
         self.hostname = route.hostname
-        self.private: dict[BackendKey, BackendGroup] = {}
+        self.private: dict[BackendKey, BackendPool] = {}
         self.leg: H2Front | H11Front | None = None
         self.channel: Channel | None = None
         self.idle_timed_out = False
@@ -59,28 +86,42 @@ class _Session:
             on_finished=self._finished,
             hostname=route.hostname,
             on_dial=self._dialed,
+            timers=proxy.clock,
+            idle_timeout=proxy.timeouts.idle_timeout,
+            route_for=self._route_for,
+            client_cert=client_cert,
         )
 
     def _lookup(self) -> Route | None:
+        # The SNI's route now (ARCHITECTURE.md, "Routing"); another one than the
+        # handshake's (removed, or a more specific route added) answers 421.
         listener = self.proxy.server.state.listeners.get(self.record.listener)
-        return listener.routes.get(self.hostname) if listener is not None else None
+        route = lookup_route(listener.routes, self.record.sni) if listener is not None else None
+        return route if route is not None and route.hostname == self.hostname else None
 
-    def _group_for(self, route: Route) -> BackendGroup:
-        key = BackendKey(route.backend, route.backend_tls)
+    def _route_for(self, name: str) -> Route | None:
+        """The route serving ``name`` on this listener, matched as SNI is (for 421)."""
+        listener = self.proxy.server.state.listeners.get(self.record.listener)
+        return lookup_route(listener.routes, name) if listener is not None else None
+
+    def _group_for(self, route: Route) -> BackendPool:
         if not route.send_proxy_protocol:
-            return self.proxy.group(key)
-        group = self.private.get(key)
-        if group is None:
-            header = encode_v2(self.record.client, self.record.local)
-            group = BackendGroup(key, lambda g: self.proxy.dial(g, header))
-            self.private[key] = group
-        return group
+            return self.proxy.group(backend_key(route))
+        # The PROXY header names this client: a pool of its own, closed with the connection.
+        header = encode_v2(self.record.client, self.record.local)
+        key = backend_key(route, header)
+        pool = self.private.get(key)
+        if pool is None:
+            pool = self.private[key] = self.proxy.new_pool(key)
+        return pool
 
     def _dialed(self, seconds: float) -> None:
         if self.record.dial_seconds is None:
             self.record.dial_seconds = seconds
 
     def _finished(self, exchange: Exchange) -> None:
+        home = exchange.home
+        protocol = home.key.protocol if isinstance(home, BackendPool) else None
         request = RequestRecord(
             listener=self.record.listener,
             route=exchange.route,
@@ -90,8 +131,14 @@ class _Session:
             bytes_in=exchange.request.forwarded,
             bytes_out=exchange.response.forwarded,
             blocked_by=exchange.blocked_by.value if exchange.blocked_by else None,
+            backend_protocol=protocol.value if protocol is not None else None,
+            websocket=protocol is BackendProtocol.H1 and exchange.method == "CONNECT",
         )
-        extra = f" blocked_by={request.blocked_by}" if request.blocked_by else ""
+        extra = f" proto={request.backend_protocol}" if request.backend_protocol else ""
+        if request.websocket:
+            extra += " websocket=1"
+        if request.blocked_by:
+            extra += f" blocked_by={request.blocked_by}"
         if exchange.detail:
             extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
         self.proxy.server.access_log.write(
@@ -108,10 +155,11 @@ class _Session:
     async def run(self, sock: socket.socket, tls: TlsSession) -> str:
         loop = self.proxy.loop
         channel = Channel(loop, tls, early=tls.read(), pause_reading_when_full=True)
+        head_timeout = self.proxy.timeouts.handshake_timeout
         if tls.alpn == ALPN_H2:
-            self.leg = H2Front(channel, self.router)
+            self.leg = H2Front(channel, self.router, head_timeout=head_timeout)
         else:
-            self.leg = H11Front(channel, self.router, self.hostname)
+            self.leg = H11Front(channel, self.router, self.hostname, head_timeout=head_timeout)
         channel.leg = self.leg
         self.channel = channel
         await loop.connect_accepted_socket(lambda: channel, sock)
@@ -128,9 +176,9 @@ class _Session:
                 self._idle.cancel()
             self.record.bytes_up += channel.bytes_in
             self.record.bytes_down += channel.bytes_out
-            for group in self.private.values():
-                for leg in group.connections():
-                    leg.close()
+            self.router.close()
+            for pool in self.private.values():
+                pool.close()
         if self.idle_timed_out:
             return "idle_timeout"
         return self.leg.outcome or "closed"
@@ -156,7 +204,11 @@ class L7Proxy:
         self.timeouts: ProxyTimeouts = server.timeouts
         self.certs = CertStore()
         self.backend_tls = backend_tls or backend_context()
-        self.pool: dict[BackendKey, BackendGroup] = {}
+        http1 = backend_context(alpn=ALPN_HTTP1)  # at boot: a bad $MCPROXY_BACKEND_CA fails here
+        defaults = {ALPN_H2: self.backend_tls, ALPN_HTTP1: http1}
+        self.backend_contexts = BackendContexts(default=defaults.__getitem__)
+        self.clock = LoopClock(self.loop)
+        self.pool: dict[BackendKey, BackendPool] = {}
         self.sessions: set[_Session] = set()
         self.draining = False
         self._dials: set[asyncio.Task[None]] = set()
@@ -165,11 +217,22 @@ class L7Proxy:
         self.server.l7_handler = self.handle
         self.server.on_drain.append(self.drain)
 
-    def group(self, key: BackendKey) -> BackendGroup:
-        group = self.pool.get(key)
-        if group is None:
-            group = self.pool[key] = BackendGroup(key, lambda g: self.dial(g, None))
-        return group
+    def group(self, key: BackendKey) -> BackendPool:
+        pool = self.pool.get(key)
+        if pool is None:
+            pool = self.pool[key] = self.new_pool(key)
+        return pool
+
+    def new_pool(self, key: BackendKey) -> BackendPool:
+        h1 = key.protocol is BackendProtocol.H1
+        return BackendPool(
+            key,
+            self.dial,
+            self.clock,
+            connect_timeout=self.timeouts.connect_timeout,
+            idle_timeout=self.timeouts.idle_timeout,
+            max_connections=H1_MAX_CONNECTIONS if h1 else MAX_CONNECTIONS,
+        )
 
     # --- client connections ---------------------------------------------------------------
 
@@ -179,7 +242,7 @@ class L7Proxy:
         route = record.route
         assert route is not None and route.tls_cert is not None and route.tls_key is not None
         try:
-            context = self.certs.context(route.tls_cert, route.tls_key)
+            context = self.certs.context(route.tls_cert, route.tls_key, route.client_ca)
         except (OSError, ssl.SSLError) as exc:
             record.outcome, record.detail = "tls_error", f"certificate: {exc}"
             reset(sock)
@@ -206,7 +269,8 @@ class L7Proxy:
         finally:
             record.bytes_up += counts[0]
             record.bytes_down += counts[1]
-        session = _Session(self, record, route)
+        der = tls.peer_certificate() if route.client_ca else None
+        session = _Session(self, record, route, client_cert_header(der) if der else None)
         self.sessions.add(session)
         try:
             record.outcome = await session.run(sock, tls)
@@ -219,84 +283,66 @@ class L7Proxy:
         for session in list(self.sessions):
             if session.leg is not None:
                 session.leg.begin_drain()
-        for group in self.pool.values():
-            for leg in group.connections():
-                leg.retire_when_idle()
+            for private in session.private.values():
+                private.drain()  # PROXY-protocol pools: their WebSocket tunnels close too
+        for pool in self.pool.values():
+            pool.drain()
 
     # --- backend connections -------------------------------------------------------------
 
-    def dial(self, group: BackendGroup, proxy_header: bytes | None) -> None:
-        task = self.loop.create_task(self._dial(group, proxy_header))
+    def dial(self, attempt: Dial) -> None:
+        """Start a dial for a pool; the pool's timer bounds it by ``connect_timeout``."""
+        task = self.loop.create_task(self._dial(attempt))
+        attempt.cancel = task.cancel
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
 
-    async def _dial(self, group: BackendGroup, proxy_header: bytes | None) -> None:
-        started = self.loop.time()
-        backend = group.key.backend
+    async def _dial(self, attempt: Dial) -> None:
+        backend = attempt.key.backend
         try:
-            async with asyncio.timeout(self.timeouts.connect_timeout):
-                leg = await self._connect(group.key, proxy_header)
+            leg = await self._connect(attempt.key)
+        except asyncio.CancelledError:
+            return  # the pool gave up (connect_timeout) and already answered
         except TimeoutError:
-            group.dial_failed(504, f"backend {backend} not ready within connect_timeout")
+            attempt.failed(504, f"backend {backend} not reachable within connect_timeout")
             return
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            group.dial_failed(502, f"backend {backend} unreachable: {exc}")
+            attempt.failed(502, f"backend {backend} unreachable: {exc}")
             return
-        seconds = self.loop.time() - started
-        for exchange in group.waiting:  # every connection that waited for this dial
-            if exchange.on_dial is not None:
-                exchange.on_dial(seconds)
-        group.connected(leg)
+        attempt.connected(leg)
 
-    async def _connect(self, key: BackendKey, proxy_header: bytes | None) -> H2Back:
-        """Dial, [PROXY v2], [TLS], HTTP/2 preface, and wait for the backend's SETTINGS."""
+    async def _connect(self, key: BackendKey) -> H2Back | H1Back:
+        """Dial, [PROXY v2], [TLS], and start HTTP/2 or HTTP/1.1.
+
+        HTTP/2 is READY with the backend's SETTINGS; HTTP/1.1 once the transport is up.
+        TLS verifies with the route's trust (``backend_ca``, ``backend_server_name``) and
+        presents its client certificate, if any.
+        """
+        h1 = key.protocol is BackendProtocol.H1
+        alpn = ALPN_HTTP1 if h1 else ALPN_H2
         sock = await self.server.dial(key.backend)
         channel: Channel | None = None
         try:
-            if proxy_header:
-                await self.loop.sock_sendall(sock, proxy_header)
+            if key.proxy_header:
+                await self.loop.sock_sendall(sock, key.proxy_header)
             tls = None
             if key.tls:
-                host = key.backend.host
-                tls = TlsSession(self.backend_tls, server_side=False, server_hostname=host)
-                await handshake(sock, tls, self.loop.time() + self.timeouts.connect_timeout)
-                if tls.alpn not in (ALPN_H2, None):
-                    raise ConnectionError(f"backend chose ALPN {tls.alpn!r}, not h2")
+                context = self.backend_contexts.context(key.trust, alpn)
+                host = key.trust.server_name or key.backend.host
+                tls = TlsSession(context, server_side=False, server_hostname=host)
+                await handshake(sock, tls, None)
+                if tls.alpn not in (alpn, None):
+                    raise ConnectionError(f"backend chose ALPN {tls.alpn!r}, not {alpn}")
             channel = Channel(self.loop, tls, early=tls.read() if tls else b"")
-            leg = H2Back(channel)
+            leg: H2Back | H1Back = H1Back(channel) if h1 else H2Back(channel)
             channel.leg = leg
-            ready: asyncio.Future[None] = self.loop.create_future()
-
-            def on_ready() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            leg.on_ready = on_ready
             await self.loop.connect_accepted_socket(lambda: channel, sock)
-            lost = channel.lost
-            await asyncio.wait({ready, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done():
-                raise ConnectionError(leg.failure or "backend closed before its HTTP/2 SETTINGS")
+            if isinstance(leg, H1Back) and not leg.closed:
+                leg.transition(ConnState.READY)
         except BaseException:
             if channel is not None and channel.transport is not None:
                 channel.abort()
             else:
                 sock.close()
             raise
-        leg.on_closed = self._idle_timer(channel, leg)
         return leg
-
-    def _idle_timer(self, channel: Channel, leg: H2Back) -> Callable[[], None]:
-        """Close the backend connection after ``idle_timeout`` without streams."""
-        timeout = self.timeouts.idle_timeout
-        handle: list[asyncio.TimerHandle] = []
-
-        def check() -> None:
-            remaining = channel.last_activity + timeout - self.loop.time()
-            if not leg.streams and remaining <= 0:
-                leg.close()
-                return
-            handle[:] = [self.loop.call_later(max(remaining, timeout / 4), check)]
-
-        handle.append(self.loop.call_later(timeout, check))
-        return handle[0].cancel
