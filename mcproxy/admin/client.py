@@ -17,7 +17,7 @@ that carries it, live on every worker by the time the call returns.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ __all__ = [
     "AdminClient",
     "AdminError",
     "AppliedState",
+    "BackendState",
     "ListedRoute",
     "default_socket",
 ]
@@ -69,9 +70,20 @@ class AdminError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class BackendState:
+    """One backend of a listed route as the health checks see it (``BackendStatus``)."""
+
+    address: str
+    up: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ListedRoute:
     listener: str
     route: Route
+    backend_states: tuple[BackendState, ...] = ()
+    """One per backend when the server reports them; empty when it does not."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,36 +155,37 @@ class AdminClient:
             pb.ListRoutesResponse,
         )
         return [
-            ListedRoute(item.listener, convert.route_from_reply(item.route))
+            ListedRoute(
+                item.listener,
+                convert.route_from_reply(item.route),
+                tuple(BackendState(b.address, b.up, b.reason) for b in item.backend_states),
+            )
             for item in response.routes
         ]
 
     def add_route(
-        self,
-        listener: str,
-        hostname: str,
-        backend: str,
-        *,
-        mode: str = "l4",
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        backend_tls: bool = False,
-        send_proxy_protocol: bool = False,
-        policies: Iterable[tuple[str, str]] = (),
+        self, listener: str, hostname: str, backend: str | Sequence[str], **options: Any
     ) -> int:
-        """Add a route; ``tls_cert``/``tls_key`` are paths on the proxy's host (absolute)."""
-        route = pb.Route(
-            hostname=hostname,
-            backend=backend,
-            mode=mode,
-            tls_cert=tls_cert or "",
-            tls_key=tls_key or "",
-            backend_tls=backend_tls,
-            send_proxy_protocol=send_proxy_protocol,
-            l7_policies=[pb.L7Policy(type=kind, value=value) for kind, value in policies],
-        )
+        """Add a route to one backend (a string) or several (a sequence of strings).
+
+        ``options`` are the keyword arguments of :func:`route_message` (``mode``,
+        ``tls_cert``, ``balance``, ``health_check``...); file paths are paths
+        on the proxy's host (absolute).
+        """
+        route = route_message(hostname, backend, **options)
         request = pb.AddRouteRequest(listener=listener, route=route)
         return self._call(self._stub.AddRoute, request, pb.AddRouteResponse).generation
+
+    def update_route(
+        self, listener: str, hostname: str, backend: str | Sequence[str], **options: Any
+    ) -> int:
+        """Replace the route of ``hostname`` whole (what is not given takes its default).
+
+        The arguments are :meth:`add_route`'s. NOT_FOUND when there is no such route.
+        """
+        route = route_message(hostname, backend, **options)
+        request = pb.UpdateRouteRequest(listener=listener, route=route)
+        return self._call(self._stub.UpdateRoute, request, pb.UpdateRouteResponse).generation
 
     def remove_route(self, listener: str, hostname: str) -> int:
         request = pb.RemoveRouteRequest(listener=listener, hostname=hostname)
@@ -276,3 +289,66 @@ class AdminClient:
         request = health_pb2.HealthCheckRequest(service=service)
         response = self._call(stub.Check, request, health_pb2.HealthCheckResponse)
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def route_message(
+    hostname: str,
+    backend: str | Sequence[str],
+    *,
+    mode: str = "l4",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    backend_tls: bool = False,
+    send_proxy_protocol: bool = False,
+    policies: Iterable[tuple[str, str]] = (),
+    balance: str = "",
+    health_check: str | None = None,
+    health_interval: float = 0.0,
+    health_timeout: float = 0.0,
+    health_path: str = "",
+    health_rise: int = 0,
+    health_fall: int = 0,
+    backend_protocol: str = "",
+    backend_ca: str | None = None,
+    backend_server_name: str | None = None,
+    backend_client_cert: str | None = None,
+    backend_client_key: str | None = None,
+    client_ca: str | None = None,
+) -> pb.Route:
+    """A ``Route`` message from the operator's text; empty and zero values take the defaults.
+
+    ``health_check`` is the check's kind (``tcp``, ``http``); the ``health_*``
+    values (seconds, path, counts) apply only with it.
+    """
+    backends = [backend] if isinstance(backend, str) else list(backend)
+    message = pb.Route(
+        hostname=hostname,
+        backends=backends,
+        mode=mode,
+        tls_cert=tls_cert or "",
+        tls_key=tls_key or "",
+        backend_tls=backend_tls,
+        send_proxy_protocol=send_proxy_protocol,
+        l7_policies=[pb.L7Policy(type=kind, value=value) for kind, value in policies],
+        balance=balance,
+        backend_protocol=backend_protocol,
+        backend_ca=backend_ca or "",
+        backend_server_name=backend_server_name or "",
+        backend_client_cert=backend_client_cert or "",
+        backend_client_key=backend_client_key or "",
+        client_ca=client_ca or "",
+    )
+    if len(backends) == 1:
+        message.backend = backends[0]  # what a server from before `backends` reads
+    if health_check is not None:
+        message.health_check.CopyFrom(
+            pb.HealthCheck(
+                kind=health_check,
+                interval_seconds=health_interval,
+                timeout_seconds=health_timeout,
+                path=health_path,
+                rise=health_rise,
+                fall=health_fall,
+            )
+        )
+    return message

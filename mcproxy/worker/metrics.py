@@ -203,6 +203,12 @@ class WorkerMetrics:
             ["listener", "route", "policy"],
             registry=r,
         )
+        self.backend_requests = Counter(
+            "mcproxy_http_backend_requests",
+            "L7 requests for a backend, per backend protocol (h2, h1) and kind (http, websocket).",
+            ["listener", "route", "protocol", "kind"],
+            registry=r,
+        )
 
     def _child(self, metric: _M, *labels: str) -> _M:
         """``metric.labels(*labels)``, remembered: the library's lookup takes a lock and
@@ -308,3 +314,6 @@ class WorkerMetrics:
         if record.blocked_by is not None:
             policy = record.blocked_by if record.blocked_by in _POLICIES else "other"
             self._child(self.policy_blocks, listener, route, policy).inc()
+        if record.backend_protocol is not None:
+            kind = "websocket" if record.websocket else "http"
+            self._child(self.backend_requests, listener, route, record.backend_protocol, kind).inc()

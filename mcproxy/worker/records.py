@@ -68,3 +68,7 @@ class RequestRecord:
     bytes_out: int = 0
     blocked_by: str | None = None
     """The policy kind that answered 403, if any."""
+    backend_protocol: str | None = None
+    """``h2`` or ``h1`` when the request was for a backend (None: answered before that)."""
+    websocket: bool = False
+    """A WebSocket (tunnelled to an ``h1`` backend)."""

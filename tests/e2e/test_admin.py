@@ -174,10 +174,20 @@ def test_every_command_round_trips_through_mcproxyctl(
             "listener": listener,
             "hostname": "web.test",
             "backend": "127.0.0.1:9",
+            "backends": ["127.0.0.1:9"],
+            "backend_states": routes[2]["backend_states"],  # the health checks' business
+            "balance": "round_robin",
+            "health_check": None,
             "mode": "l7",
             "tls_cert": str(certs / "web.test.pem"),
             "tls_key": str(certs / "web.test.key"),
             "backend_tls": True,
+            "backend_protocol": "h2",
+            "backend_ca": None,
+            "backend_server_name": None,
+            "backend_client_cert": None,
+            "backend_client_key": None,
+            "client_ca": None,
             "send_proxy_protocol": True,
             "l7_policies": [{"type": "block_user_agent", "value": "BadBot"}],
         }
@@ -275,6 +285,94 @@ def test_every_rpc_round_trips_through_the_client(
         assert durable(admin) == before
         assert admin.health()
     assert setup.ask("gamma.test") == "gamma.test"
+
+
+# --- second batch: several backends, the new fields, routes update ---------------------------
+
+
+def test_new_route_fields_survive_a_restart_and_update_replaces_a_route(
+    setup: Setup, ca: CA, backends: dict[str, TlsBackend], gamma: TlsBackend
+) -> None:
+    listener, alpha, beta = setup.listener, backends["alpha.test"], backends["beta.test"]
+    certs = setup.dir / "certs"
+    certs.mkdir()
+    issue(ca, "web.test", certs)
+    issue(ca, "client", certs)
+    ca.write(certs)
+    setup.ctl_json("routes", "add", "--listener", listener, "--hostname", "multi.test",
+                   "--backend", gamma.addr, "--backend", alpha.addr, "--balance", "least_conn",
+                   "--health-check", "tcp", "--health-interval", "1s",
+                   "--health-timeout", "500ms", "--health-fall", "2")  # fmt: skip
+    setup.ctl_json("routes", "add", "--listener", listener, "--hostname", "web.test",
+                   "--backend", "127.0.0.1:9", "--mode", "l7", "--tls-cert", "web.test.pem",
+                   "--tls-key", "web.test.key", "--backend-tls", "--backend-protocol", "h1",
+                   "--backend-ca", "ca.pem", "--backend-server-name", "api.internal",
+                   "--backend-client-cert", "client.pem", "--backend-client-key", "client.key",
+                   "--client-ca", "ca.pem", cwd=certs)  # fmt: skip
+    # Workers route with the new fields present (which backend: the balancer's call).
+    assert setup.ask("multi.test", verify_name=False) in ("gamma.test", "alpha.test")
+    routes = {r["hostname"]: r for r in setup.ctl_json("routes", "list")}
+    multi, web = routes["multi.test"], routes["web.test"]
+    assert multi["backends"] == [gamma.addr, alpha.addr]
+    assert multi["backend"] == gamma.addr
+    assert multi["balance"] == "least_conn"
+    assert multi["health_check"] == {
+        "kind": "tcp",
+        "interval_seconds": 1.0,
+        "timeout_seconds": 0.5,
+        "path": "/healthz",
+        "rise": 2,
+        "fall": 2,
+    }
+    assert (web["backend_protocol"], web["backend_server_name"]) == ("h1", "api.internal")
+    assert web["backend_ca"] == web["client_ca"] == str(certs / "ca.pem")
+    assert web["backend_client_cert"] == str(certs / "client.pem")
+    assert web["backend_client_key"] == str(certs / "client.key")
+    table = setup.ctl("routes", "list").stdout
+    assert re.search(rf"multi\.test\s+{gamma.addr},{alpha.addr}\s+l4\s+balance=least_conn", table)
+
+    # routes update replaces the route whole: the next connection uses the new backend.
+    generation = setup.ctl_json("status")["generation"]
+    done = setup.ctl_json("routes", "update", "--listener", listener, "--hostname", "Multi.Test",
+                          "--backend", beta.addr)  # fmt: skip
+    assert done == {"generation": generation + 1}
+    assert setup.ask("multi.test", verify_name=False) == "beta.test"
+    updated = {r["hostname"]: r for r in setup.ctl_json("routes", "list")}["multi.test"]
+    assert (updated["backends"], updated["balance"], updated["health_check"]) == (
+        [beta.addr],
+        "round_robin",
+        None,
+    )
+
+    # An invalid update, or one of a missing route, changes nothing.
+    before = stored(setup.ctl_json("routes", "list"))
+    for args, message in (
+        (("--hostname", "multi.test", "--backend", alpha.addr, "--backend", alpha.addr),
+         "INVALID_ARGUMENT: route.backends[1]: duplicate of backends[0]"),
+        (("--hostname", "multi.test", "--backend", alpha.addr, "--health-check", "tcp",
+          "--health-interval", "1s", "--health-timeout", "2s"),
+         "INVALID_ARGUMENT: route.health_check.timeout: must be shorter than interval"),
+        (("--hostname", "multi.test", "--backend", alpha.addr, "--backend-protocol", "h1"),
+         "INVALID_ARGUMENT: route.backend_protocol: only for mode l7"),
+        (("--hostname", "nope.test", "--backend", alpha.addr),
+         "NOT_FOUND: no route nope.test"),
+    ):  # fmt: skip
+        failed = setup.ctl("routes", "update", "--listener", listener, *args)
+        assert (failed.returncode, failed.stdout) == (1, ""), failed
+        assert message in failed.stderr
+    assert stored(setup.ctl_json("routes", "list")) == before
+    assert setup.ctl_json("status")["generation"] == generation + 1
+    assert setup.ask("multi.test", verify_name=False) == "beta.test"
+
+    setup.proxy.stop()
+    setup.proxy.start()
+    assert stored(setup.ctl_json("routes", "list")) == before
+    assert setup.ask("multi.test", verify_name=False) == "beta.test"
+
+
+def stored(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Listed routes without what is not stored (the backends' health)."""
+    return [{k: v for k, v in r.items() if k != "backend_states"} for r in routes]
 
 
 # --- rejected calls ---------------------------------------------------------------------------

@@ -29,14 +29,18 @@ from mcproxy.admin.server import AdminServer, AdminSocketError, claim_socket_pat
 from mcproxy.admin.servicer import AdminServicer
 from mcproxy.model import (
     Address,
+    Balance,
     Change,
     FirewallRules,
+    HealthCheck,
+    HealthCheckKind,
     L7Policy,
     Listener,
     Mode,
     PolicyKind,
     ProxyState,
     Route,
+    RouteUpdated,
     StateError,
     apply_change,
     make_state,
@@ -341,7 +345,7 @@ def test_cli_tables_and_json(server: AdminServer, capsys: pytest.CaptureFixture[
     sock = ["--socket", server.path]
     status, out, _ = ctl(capsys, *sock, "routes", "list")
     assert status == 0
-    assert out.split("\n")[0].split() == ["LISTENER", "HOSTNAME", "BACKEND", "MODE", "OPTIONS"]
+    assert out.split("\n")[0].split() == ["LISTENER", "HOSTNAME", "BACKENDS", "MODE", "OPTIONS"]
     assert out.split("\n")[1].split() == [LISTENER, "alpha.test", "127.0.0.1:9001", "l4", "-"]
     status, out, _ = ctl(capsys, *sock, "--json", "routes", "add", "--listener", LISTENER,
                          "--hostname", "b.test", "--backend", "127.0.0.1:9002")  # fmt: skip
@@ -422,3 +426,98 @@ def test_change_the_loop_never_took_is_withdrawn(fake: FakeSupervisor) -> None:
     outcome = servicer._wait(running)
     assert isinstance(outcome, tuple)
     assert outcome[0] is grpc.StatusCode.UNAVAILABLE and "list before retrying" in outcome[1]
+
+
+# --- second batch: routes update and the new route flags ---------------------------------------
+
+
+def test_update_route_round_trips_and_answers_its_codes(
+    client: AdminClient, fake: FakeSupervisor
+) -> None:
+    generation = client.update_route(
+        LISTENER,
+        "Alpha.test",
+        ["127.0.0.1:9101", "127.0.0.1:9102"],
+        balance="source_ip",
+        health_check="tcp",
+        health_interval=1.0,
+        health_timeout=0.5,
+    )
+    want = Route(
+        "alpha.test",
+        (Address("127.0.0.1", 9101), Address("127.0.0.1", 9102)),
+        balance=Balance.SOURCE_IP,
+        health_check=HealthCheck(HealthCheckKind.TCP, interval=1.0, timeout=0.5),
+    )
+    assert fake.submitted[-1] == RouteUpdated(LISTENER, want)
+    assert client.list_routes() == [ListedRoute(LISTENER, want)]
+    assert generation == fake.state.generation
+    with pytest.raises(AdminError) as missing:
+        client.update_route(LISTENER, "nope.test", "127.0.0.1:1")
+    assert missing.value.code is grpc.StatusCode.NOT_FOUND
+    submitted = len(fake.submitted)
+    with pytest.raises(AdminError) as bad:
+        client.update_route(LISTENER, "alpha.test", ["127.0.0.1:1", "127.0.0.1:1"])
+    assert bad.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "route.backends[1]: duplicate of backends[0]" in bad.value.message
+    assert len(fake.submitted) == submitted  # never reached the supervisor
+    assert client.list_routes() == [ListedRoute(LISTENER, want)]
+
+
+def test_cli_routes_update_with_every_route_flag(
+    server: AdminServer,
+    fake: FakeSupervisor,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_self_signed(tmp_path, "alpha.test")
+    make_self_signed(tmp_path, "client")
+    (tmp_path / "ca.pem").write_bytes((tmp_path / "client.pem").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    sock = ["--socket", server.path]
+    status, out, err = ctl(capsys, *sock, "routes", "update", "--listener", LISTENER,
+                           "--hostname", "alpha.test", "--mode", "l7",
+                           "--backend", "127.0.0.1:9201", "--backend", "[::1]:9202",
+                           "--balance", "least_conn", "--health-check", "http",
+                           "--health-interval", "3s", "--health-timeout", "250ms",
+                           "--health-path", "/up", "--health-rise", "1", "--health-fall", "4",
+                           "--tls-cert", "alpha.test.pem", "--tls-key", "alpha.test.key",
+                           "--backend-tls", "--backend-protocol", "h1",
+                           "--backend-ca", "ca.pem", "--backend-server-name", "api.internal",
+                           "--backend-client-cert", "client.pem",
+                           "--backend-client-key", "client.key",
+                           "--client-ca", "ca.pem")  # fmt: skip
+    assert (status, err) == (0, ""), err
+    assert "updated route alpha.test" in out
+    route = fake.state.listeners[LISTENER].routes["alpha.test"]
+    assert route.backends == (Address("127.0.0.1", 9201), Address("::1", 9202))
+    assert route.balance is Balance.LEAST_CONN
+    assert route.health_check == HealthCheck(
+        HealthCheckKind.HTTP, interval=3.0, timeout=0.25, path="/up", rise=1, fall=4
+    )
+    assert route.backend_ca == route.client_ca == str(tmp_path / "ca.pem")
+    assert route.backend_client_key == str(tmp_path / "client.key")
+    status, out, _ = ctl(capsys, *sock, "routes", "list")
+    row = out.split("\n")[1].split()
+    assert row[2] == "127.0.0.1:9201,[::1]:9202"
+    assert "balance=least_conn" in row[4] and "backend_protocol=h1" in row[4]
+    status, out, _ = ctl(capsys, *sock, "--json", "routes", "list")
+    [listed] = json.loads(out)
+    assert listed["backends"] == ["127.0.0.1:9201", "[::1]:9202"]
+    assert listed["backend"] == "127.0.0.1:9201"
+    assert listed["health_check"]["timeout_seconds"] == 0.25
+    assert listed["backend_server_name"] == "api.internal"
+
+
+def test_cli_health_flags_need_a_health_check(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["routes", "add", "--listener", ":443", "--hostname", "a.test",
+                  "--backend", "127.0.0.1:1", "--health-interval", "1s"])  # fmt: skip
+    assert caught.value.code == 1
+    assert "--health-interval needs --health-check" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["routes", "add", "--listener", ":443", "--hostname", "a.test",
+                  "--backend", "127.0.0.1:1", "--health-check", "tcp",
+                  "--health-interval", "5"])  # fmt: skip
+    assert "needs a unit" in capsys.readouterr().err

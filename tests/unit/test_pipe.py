@@ -227,3 +227,38 @@ def _big_state(routes: int) -> Any:
         ],
         FirewallRules(),
     )
+
+
+def test_a_snapshot_travels_as_plain_rows_and_comes_back_equal() -> None:
+    from mcproxy.model import L7Policy, Mode, PolicyKind
+
+    routes = {
+        "a.test": Route("a.test", (Address("10.0.0.1", 1), Address("10.0.0.2", 2))),
+        "b.test": Route(
+            "b.test",
+            (Address("10.0.0.1", 1),),
+            mode=Mode.L7,
+            tls_cert="/c",
+            tls_key="/k",
+            policies=(L7Policy(PolicyKind.REQUIRE_HEADER, "X-Key"),),
+        ),
+    }
+    state = make_state(
+        4,
+        [Listener(Address("127.0.0.1", 1), max_connections=3, routes=routes)],
+        FirewallRules(blocked_cidrs=frozenset({"10.0.0.0/8"})),
+    )
+    (decoded,) = pipe.FrameDecoder().feed(pipe.encode(pipe.Snapshot(state)))
+    assert decoded == pipe.Snapshot(state)
+    assert isinstance(decoded, pipe.Snapshot)
+    table = decoded.state.listeners["127.0.0.1:1"].routes
+    assert isinstance(table, RouteTable)
+    assert table["b.test"].policies == routes["b.test"].policies
+    assert pickle.dumps(pipe.Snapshot(state)).count(b"Route") <= 1  # rows, not objects
+
+
+def test_a_snapshot_with_other_route_fields_is_refused() -> None:
+    packed = pipe._pack_state(STATE)
+    bad = pipe.Snapshot.__new__(pipe.Snapshot)
+    with pytest.raises(pipe.FrameError, match="fields"):
+        bad.__setstate__((("hostname",), packed[1], packed[2]))

@@ -10,8 +10,12 @@ import yaml
 from mcproxy.config import ConfigError, parse_config
 from mcproxy.model import (
     Address,
+    BackendProtocol,
+    Balance,
     ChangeBatch,
     FirewallRules,
+    HealthCheck,
+    HealthCheckKind,
     L7Policy,
     Listener,
     ListenerAdded,
@@ -27,7 +31,7 @@ from mcproxy.model import (
     make_state,
 )
 from mcproxy.statefile import export_yaml, plan, process_settings_in
-from tests.certs import make_self_signed
+from tests.certs import make_ca, make_self_signed
 
 A = "127.0.0.1:8443"
 B = "127.0.0.1:9443"
@@ -211,3 +215,32 @@ def test_process_settings_in() -> None:
     ]
     assert process_settings_in({"listeners": []}) == []
     assert process_settings_in(None) == []
+
+
+def test_every_second_batch_route_field_round_trips_through_export(tmp_path: Path) -> None:
+    """Export writes each new route field so the config loader reads the same route back."""
+    cert, key = make_self_signed(tmp_path, "web.test")
+    client_cert, client_key = make_self_signed(tmp_path, "client")
+    ca = make_ca().write(tmp_path)
+    web = Route(
+        "*.web.test",
+        (Address("127.0.0.1", 9000), Address("::1", 9001), Address("backend.internal", 9002)),
+        mode=Mode.L7,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        backend_tls=True,
+        balance=Balance.SOURCE_IP,
+        health_check=HealthCheck(
+            HealthCheckKind.HTTP, interval=1.5, timeout=0.25, path="/up?full=1", rise=1, fall=4
+        ),
+        backend_protocol=BackendProtocol.H1,
+        backend_ca=str(ca),
+        backend_server_name="api.internal",
+        backend_client_cert=str(client_cert),
+        backend_client_key=str(client_key),
+        client_ca=str(ca),
+    )
+    catch_all = _route("*", 9100, health_check=HealthCheck(HealthCheckKind.TCP))
+    state = _state(_listener(A, web, catch_all))
+    seeded = parse_config(export_yaml(state), str(tmp_path / "exported.yaml")).seed
+    assert seeded.listeners[A].routes == state.listeners[A].routes

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from mcproxy.worker.l7.h1back import H1Back
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
@@ -39,7 +40,7 @@ WRITE_LOW_WATER = 64 * 1024
 _RECV_SIZE = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-Leg = H2Front | H11Front | H2Back
+Leg = H2Front | H11Front | H2Back | H1Back
 
 
 class Channel(asyncio.Protocol):

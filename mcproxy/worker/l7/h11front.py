@@ -46,6 +46,7 @@ from mcproxy.worker.l7.headers import (
     request_trailers,
 )
 from mcproxy.worker.l7.router import Router
+from mcproxy.worker.l7.tunnel import ClientTunnel, as_extended_connect, is_websocket_upgrade
 
 __all__ = [
     "BODY_HIGH_WATER",
@@ -192,10 +193,16 @@ class H11Front:
         """When the head being received must be whole (None: no head in progress)."""
         self._head = bytearray()  # the bytes of the head in progress, until it was checked
         self._tapping = True
+        self._upgrade = False  # a WebSocket upgrade request waits for the backend's answer
+        self.tunnel: ClientTunnel | None = None
+        """After a WebSocket's 101: bytes only (``tunnel.py``)."""
 
     # --- input -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.receive_data(data)
+            return
         if self.closed:
             return
         if self._tapping and data and not self._tap(data):
@@ -250,6 +257,9 @@ class H11Front:
         self._close()
 
     def receive_eof(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.receive_eof()
+            return
         self.receive_data(b"")
 
     def _process(self) -> None:
@@ -290,6 +300,8 @@ class H11Front:
                 exchange.request.receive_data(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 assert exchange is not None
+                if self._upgrade:
+                    continue  # what follows a 101 is the tunnel; else it ends at the answer
                 trailers = request_trailers([(bytes(n), bytes(v)) for n, v in event.headers])
                 exchange.request.receive_end(trailers or None)
             elif isinstance(event, h11.ConnectionClosed):
@@ -302,6 +314,9 @@ class H11Front:
         headers = [(bytes(n), bytes(v)) for n, v in request.headers]
         method, target = bytes(request.method), bytes(request.target)
         head = h1_to_h2_request(method, target, headers, self.hostname)
+        self._upgrade = is_websocket_upgrade(headers)
+        if self._upgrade:
+            head = as_extended_connect(head)
         exchange = self.router.open(self.endpoint, head, ended=False)
         if not exchange.finished:
             self.current = exchange
@@ -354,6 +369,9 @@ class H11Front:
 
     def set_writable(self, writable: bool) -> None:
         self.writable = writable
+        if self.tunnel is not None:
+            self.tunnel.set_writable(writable)
+            return
         if writable and self.current is not None:
             self.current.response.pump()
 
@@ -361,6 +379,8 @@ class H11Front:
 
     def data_to_send(self) -> bytes:
         out, self._out = b"".join(self._out), []
+        if self.tunnel is not None:
+            out += self.tunnel.data_to_send()
         return out
 
     def send(self, event: h11.Event) -> None:
@@ -379,6 +399,13 @@ class H11Front:
 
     def send_response(self, headers: Headers, end: bool) -> None:
         status, fields = h2_to_h1_response(headers)
+        if self._upgrade:
+            self._upgrade = False
+            if status == 101:
+                self._switch(fields)
+                return
+            if self.current is not None:  # refused: the upgrade request ends with its answer
+                self.io.schedule(self.current.request.receive_end)
         if not 200 <= status <= 999:
             self.abort("backend_protocol_error")
             return
@@ -394,6 +421,18 @@ class H11Front:
         self.send(h11.Response(status_code=status, headers=fields, reason=_reason(status)))
         if end:
             self.send_end([])
+
+    def _switch(self, fields: Headers) -> None:
+        """The backend took the WebSocket: send the 101, then carry bytes only."""
+        exchange = self.current
+        assert exchange is not None
+        upgrade = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
+        self.send(h11.InformationalResponse(status_code=101, headers=upgrade + fields))
+        if self.closed:
+            return
+        early, closed = self.conn.trailing_data
+        self.tunnel = ClientTunnel(self.io, exchange, bytes(early), closed)
+        self._resume_reading()
 
     def send_informational(self, headers: Headers) -> None:
         status, fields = h2_to_h1_response(headers)
@@ -459,6 +498,9 @@ class H11Front:
 
     def connection_lost(self) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.connection_lost()
+            return
         exchange = self.current
         if exchange is not None:
             exchange.client_reset(ErrorCodes.CANCEL)

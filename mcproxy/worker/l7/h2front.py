@@ -76,6 +76,8 @@ class H2Front(H2Leg):
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CLIENT_STREAMS,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+                # RFC 8441: WebSockets over extended CONNECT (routes with backend_protocol h1).
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
             },
         )
         conn.initiate_connection()

@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from mcproxy.model import Address
+from mcproxy.model import Address, BackendProtocol
+from mcproxy.worker.l7.certs import DEFAULT_TRUST, BackendTrust
 from mcproxy.worker.l7.clock import Clock, Timer
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class BackendKey:
     proxy_header: bytes = b""
     """The PROXY v2 header sent first on every connection (empty: none). It names one client,
     so such pools are private to a client connection."""
+    protocol: BackendProtocol = BackendProtocol.H2
+    trust: BackendTrust = DEFAULT_TRUST
+    """How a TLS backend is verified and what is presented to it (the route's trust fields)."""
 
 
 class ConnState(enum.Enum):
@@ -214,7 +218,11 @@ class BackendPool:
         clock: Clock,
         connect_timeout: float,
         idle_timeout: float,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        self.max_connections = max_connections
+        """The bound on connections (HTTP/1.1 pools need more: one request each)."""
         self.key = key
         self._dial = dial
         self.clock = clock
@@ -361,7 +369,7 @@ class BackendPool:
     def fair_share(self) -> int:
         """Streams one client connection may hold while others wait: the bound, split evenly."""
         clients = len(self.held.keys() | self.waiting.keys())
-        return max(1, MAX_CONNECTIONS * self._stream_hint // max(1, clients))
+        return max(1, self.max_connections * self._stream_hint // max(1, clients))
 
     def _next_waiting(self) -> Exchange:
         """Round robin across client connections; those under their share go first."""
@@ -398,7 +406,7 @@ class BackendPool:
 
     def _maybe_dial(self) -> None:
         live = sum(1 for c in self.connections if c.state is ConnState.READY) + len(self.dials)
-        if live >= MAX_CONNECTIONS:
+        if live >= self.max_connections:
             return
         if self.queued <= len(self.dials) * self._stream_hint:
             return  # the dials under way will do

@@ -18,24 +18,45 @@ import ssl
 import time
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import Route, lookup_route
+from mcproxy.model import BackendProtocol, Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.bridge import Exchange
-from mcproxy.worker.l7.certs import CertStore
+from mcproxy.worker.l7.certs import (
+    BackendContexts,
+    BackendTrust,
+    CertStore,
+    client_cert_header,
+)
 from mcproxy.worker.l7.channel import Channel, handshake
 from mcproxy.worker.l7.clock import LoopClock
+from mcproxy.worker.l7.h1back import H1Back
 from mcproxy.worker.l7.h2back import H2Back
 from mcproxy.worker.l7.h2front import H2Front
 from mcproxy.worker.l7.h11front import H11Front
-from mcproxy.worker.l7.pool import BackendKey, BackendPool, Dial
+from mcproxy.worker.l7.pool import MAX_CONNECTIONS, BackendKey, BackendPool, ConnState, Dial
 from mcproxy.worker.l7.router import Router
-from mcproxy.worker.l7.tls import ALPN_H2, TlsSession, backend_context
+from mcproxy.worker.l7.tls import ALPN_H2, ALPN_HTTP1, TlsSession, backend_context
 from mcproxy.worker.listener import ConnectionServer
 from mcproxy.worker.proxy_protocol import encode_v2
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 from mcproxy.worker.relay import reset
 
-__all__ = ["L7Proxy"]
+__all__ = ["H1_MAX_CONNECTIONS", "L7Proxy", "backend_key"]
+
+H1_MAX_CONNECTIONS = 256
+"""Connections per HTTP/1.1 backend per worker: one request each (a WebSocket leaves the pool)."""
+
+
+def backend_key(route: Route, proxy_header: bytes = b"") -> BackendKey:
+    """The pool a route's requests go to: address, TLS, protocol, trust (and PROXY header)."""
+    trust = BackendTrust(
+        ca=route.backend_ca,
+        server_name=route.backend_server_name,
+        client_cert=route.backend_client_cert,
+        client_key=route.backend_client_key,
+    )
+    return BackendKey(route.backend, route.backend_tls, proxy_header, route.backend_protocol, trust)
+
 
 log = logging.getLogger("mcproxy.l7")
 
@@ -43,7 +64,13 @@ log = logging.getLogger("mcproxy.l7")
 class _Session:
     """One client connection after its handshake: a leg, its router, its idle timer."""
 
-    def __init__(self, proxy: L7Proxy, record: ConnectionRecord, route: Route) -> None:
+    def __init__(
+        self,
+        proxy: L7Proxy,
+        record: ConnectionRecord,
+        route: Route,
+        client_cert: bytes | None = None,
+    ) -> None:
         self.proxy = proxy
         self.record = record
         self.hostname = route.hostname
@@ -62,6 +89,7 @@ class _Session:
             timers=proxy.clock,
             idle_timeout=proxy.timeouts.idle_timeout,
             route_for=self._route_for,
+            client_cert=client_cert,
         )
 
     def _lookup(self) -> Route | None:
@@ -78,10 +106,10 @@ class _Session:
 
     def _group_for(self, route: Route) -> BackendPool:
         if not route.send_proxy_protocol:
-            return self.proxy.group(BackendKey(route.backend, route.backend_tls))
+            return self.proxy.group(backend_key(route))
         # The PROXY header names this client: a pool of its own, closed with the connection.
         header = encode_v2(self.record.client, self.record.local)
-        key = BackendKey(route.backend, route.backend_tls, header)
+        key = backend_key(route, header)
         pool = self.private.get(key)
         if pool is None:
             pool = self.private[key] = self.proxy.new_pool(key)
@@ -92,6 +120,8 @@ class _Session:
             self.record.dial_seconds = seconds
 
     def _finished(self, exchange: Exchange) -> None:
+        home = exchange.home
+        protocol = home.key.protocol if home is not None else None
         request = RequestRecord(
             listener=self.record.listener,
             route=exchange.route,
@@ -101,8 +131,14 @@ class _Session:
             bytes_in=exchange.request.forwarded,
             bytes_out=exchange.response.forwarded,
             blocked_by=exchange.blocked_by.value if exchange.blocked_by else None,
+            backend_protocol=protocol.value if protocol is not None else None,
+            websocket=protocol is BackendProtocol.H1 and exchange.method == "CONNECT",
         )
-        extra = f" blocked_by={request.blocked_by}" if request.blocked_by else ""
+        extra = f" proto={request.backend_protocol}" if request.backend_protocol else ""
+        if request.websocket:
+            extra += " websocket=1"
+        if request.blocked_by:
+            extra += f" blocked_by={request.blocked_by}"
         if exchange.detail:
             extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
         self.proxy.server.access_log.write(
@@ -168,6 +204,9 @@ class L7Proxy:
         self.timeouts: ProxyTimeouts = server.timeouts
         self.certs = CertStore()
         self.backend_tls = backend_tls or backend_context()
+        http1 = backend_context(alpn=ALPN_HTTP1)  # at boot: a bad $MCPROXY_BACKEND_CA fails here
+        defaults = {ALPN_H2: self.backend_tls, ALPN_HTTP1: http1}
+        self.backend_contexts = BackendContexts(default=defaults.__getitem__)
         self.clock = LoopClock(self.loop)
         self.pool: dict[BackendKey, BackendPool] = {}
         self.sessions: set[_Session] = set()
@@ -185,12 +224,14 @@ class L7Proxy:
         return pool
 
     def new_pool(self, key: BackendKey) -> BackendPool:
+        h1 = key.protocol is BackendProtocol.H1
         return BackendPool(
             key,
             self.dial,
             self.clock,
             connect_timeout=self.timeouts.connect_timeout,
             idle_timeout=self.timeouts.idle_timeout,
+            max_connections=H1_MAX_CONNECTIONS if h1 else MAX_CONNECTIONS,
         )
 
     # --- client connections ---------------------------------------------------------------
@@ -201,7 +242,7 @@ class L7Proxy:
         route = record.route
         assert route is not None and route.tls_cert is not None and route.tls_key is not None
         try:
-            context = self.certs.context(route.tls_cert, route.tls_key)
+            context = self.certs.context(route.tls_cert, route.tls_key, route.client_ca)
         except (OSError, ssl.SSLError) as exc:
             record.outcome, record.detail = "tls_error", f"certificate: {exc}"
             reset(sock)
@@ -228,7 +269,8 @@ class L7Proxy:
         finally:
             record.bytes_up += counts[0]
             record.bytes_down += counts[1]
-        session = _Session(self, record, route)
+        der = tls.peer_certificate() if route.client_ca else None
+        session = _Session(self, record, route, client_cert_header(der) if der else None)
         self.sessions.add(session)
         try:
             record.outcome = await session.run(sock, tls)
@@ -267,8 +309,15 @@ class L7Proxy:
             return
         attempt.connected(leg)
 
-    async def _connect(self, key: BackendKey) -> H2Back:
-        """Dial, [PROXY v2], [TLS], and start HTTP/2; READY comes with the backend's SETTINGS."""
+    async def _connect(self, key: BackendKey) -> H2Back | H1Back:
+        """Dial, [PROXY v2], [TLS], and start HTTP/2 or HTTP/1.1.
+
+        HTTP/2 is READY with the backend's SETTINGS; HTTP/1.1 once the transport is up.
+        TLS verifies with the route's trust (``backend_ca``, ``backend_server_name``) and
+        presents its client certificate, if any.
+        """
+        h1 = key.protocol is BackendProtocol.H1
+        alpn = ALPN_HTTP1 if h1 else ALPN_H2
         sock = await self.server.dial(key.backend)
         channel: Channel | None = None
         try:
@@ -276,15 +325,18 @@ class L7Proxy:
                 await self.loop.sock_sendall(sock, key.proxy_header)
             tls = None
             if key.tls:
-                host = key.backend.host
-                tls = TlsSession(self.backend_tls, server_side=False, server_hostname=host)
+                context = self.backend_contexts.context(key.trust, alpn)
+                host = key.trust.server_name or key.backend.host
+                tls = TlsSession(context, server_side=False, server_hostname=host)
                 await handshake(sock, tls, None)
-                if tls.alpn not in (ALPN_H2, None):
-                    raise ConnectionError(f"backend chose ALPN {tls.alpn!r}, not h2")
+                if tls.alpn not in (alpn, None):
+                    raise ConnectionError(f"backend chose ALPN {tls.alpn!r}, not {alpn}")
             channel = Channel(self.loop, tls, early=tls.read() if tls else b"")
-            leg = H2Back(channel)
+            leg: H2Back | H1Back = H1Back(channel) if h1 else H2Back(channel)
             channel.leg = leg
             await self.loop.connect_accepted_socket(lambda: channel, sock)
+            if isinstance(leg, H1Back) and not leg.closed:
+                leg.transition(ConnState.READY)
         except BaseException:
             if channel is not None and channel.transport is not None:
                 channel.abort()

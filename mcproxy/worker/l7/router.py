@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from mcproxy.model import Mode, Route
+from mcproxy.model import BackendProtocol, Mode, Route
 from mcproxy.worker.l7.bridge import Endpoint, Exchange
 from mcproxy.worker.l7.clock import Clock, Timer
 from mcproxy.worker.l7.headers import (
@@ -33,6 +33,7 @@ from mcproxy.worker.l7.headers import (
     refusal,
 )
 from mcproxy.worker.l7.pool import BackendPool
+from mcproxy.worker.l7.tunnel import is_websocket
 
 __all__ = ["STALE_SWEEPS", "Router"]
 
@@ -57,6 +58,7 @@ class Router:
         timers: Clock | None = None,
         idle_timeout: float = 0.0,
         route_for: Callable[[str], Route | None] | None = None,
+        client_cert: bytes | None = None,
     ) -> None:
         self._lookup = lookup
         self._client_ip = client_ip
@@ -72,6 +74,8 @@ class Router:
         self._sweep: Timer | None = None
         self._route_for = route_for
         """The route of a hostname on this listener (421 when it is not ours)."""
+        self._client_cert = client_cert
+        """``X-Forwarded-Client-Cert`` for the verified client certificate (``client_ca``)."""
 
     def open(self, client: Endpoint, head: Headers, ended: bool) -> Exchange:
         """An exchange for this request; ``home`` is its backend group unless answered locally.
@@ -99,14 +103,18 @@ class Router:
             exchange.request.receive_end()
         if route is None or route.mode is not Mode.L7:
             exchange.respond_locally(421, "the route is gone or no longer L7")
-        elif method == "CONNECT":
+        elif method == "CONNECT" and not is_websocket(head):
             exchange.respond_locally(501, "CONNECT is not supported")
+        elif method == "CONNECT" and route.backend_protocol is not BackendProtocol.H1:
+            exchange.respond_locally(501, "WebSocket needs backend_protocol h1")
         elif (refused := refusal(head, route, self._route_for)) is not None:
             exchange.respond_locally(*refused)
         elif (policy := blocked_by(route.policies, head)) is not None:
             exchange.respond_locally(403, f"policy {policy.kind}", blocked_by=policy.kind)
         else:
             forwarded = for_backend(head, self._client_ip)
+            if self._client_cert is not None:  # the client's own was dropped just above
+                forwarded.append((b"x-forwarded-client-cert", self._client_cert))
             if header_list_size(forwarded) > MAX_HEADER_LIST_SIZE:
                 exchange.respond_locally(431, "header list too large once forwarded")
             else:

@@ -31,33 +31,60 @@ BACKEND_CA_ENV = "MCPROXY_BACKEND_CA"
 _READ_SIZE = 256 * 1024
 
 
-def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    """The client-facing context of an L7 route: TLS 1.2 minimum, ALPN h2 and http/1.1."""
+def server_context(cert_path: str, key_path: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """The client-facing context of an L7 route: TLS 1.2 minimum, ALPN h2 and http/1.1.
+
+    With ``client_ca`` the handshake requires a client certificate issued by
+    that CA (``CERT_REQUIRED``): a client without one, or with another CA's,
+    fails the handshake. The context is per route certificate, so the SNI
+    picks the CA.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols([ALPN_H2, ALPN_HTTP1])
     context.load_cert_chain(cert_path, key_path)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
-def backend_context(extra_ca: str | None = None) -> ssl.SSLContext:
-    """The context for ``backend_tls``: verify against the system store plus ``extra_ca``.
+def backend_context(
+    extra_ca: str | None = None,
+    *,
+    ca: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    alpn: str = ALPN_H2,
+) -> ssl.SSLContext:
+    """The context for ``backend_tls``.
 
-    ``extra_ca`` defaults to ``$MCPROXY_BACKEND_CA``; an unreadable file raises
-    at worker boot rather than failing every request later.
+    With ``ca`` (a route's ``backend_ca``) the backend is verified against
+    that file *instead of* the system store; without it, against the system
+    store plus ``extra_ca``, which defaults to ``$MCPROXY_BACKEND_CA`` (the
+    global fallback). An unreadable ``$MCPROXY_BACKEND_CA`` raises at worker
+    boot rather than failing every request later. ``client_cert`` and
+    ``client_key`` are presented to a backend that asks (mutual TLS).
+    ``alpn`` is the one protocol offered: ``h2`` or ``http/1.1``.
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    else:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols([ALPN_H2])
-    extra_ca = extra_ca if extra_ca is not None else os.environ.get(BACKEND_CA_ENV)
-    if extra_ca:
-        try:
-            context.load_verify_locations(cafile=extra_ca)
-        except (OSError, ssl.SSLError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise RuntimeError(f"{BACKEND_CA_ENV}={extra_ca}: cannot load: {reason}") from exc
+    context.set_alpn_protocols([alpn])
+    if not ca:
+        extra_ca = extra_ca if extra_ca is not None else os.environ.get(BACKEND_CA_ENV)
+        if extra_ca:
+            try:
+                context.load_verify_locations(cafile=extra_ca)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise RuntimeError(f"{BACKEND_CA_ENV}={extra_ca}: cannot load: {reason}") from exc
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key or None)
     return context
 
 
@@ -122,6 +149,13 @@ class TlsSession:
 
     def data_to_send(self) -> bytes:
         return self._outgoing.read()
+
+    def peer_certificate(self) -> bytes | None:
+        """The peer's certificate (DER), if it sent one (a client, under ``client_ca``)."""
+        try:
+            return self._obj.getpeercert(binary_form=True)
+        except ValueError:  # before the handshake
+            return None
 
     @property
     def alpn(self) -> str | None:
