@@ -321,6 +321,44 @@ def cmd_firewall_remove(client: AdminClient, args: argparse.Namespace) -> object
     return _done(args, f"unblocked {args.type} {args.value}", generation)
 
 
+def cmd_listeners_list(client: AdminClient, args: argparse.Namespace) -> object:
+    listeners = [
+        {
+            "listener": item.listener,
+            "proxy_protocol": item.proxy_protocol,
+            "max_connections": item.max_connections,
+            "routes": item.routes,
+        }
+        for item in client.list_listeners()
+    ]
+    if not args.json:
+        if listeners:
+            headers = ("LISTENER", "PROXY_PROTOCOL", "MAX_CONNECTIONS", "ROUTES")
+            rows = [
+                (
+                    item["listener"],
+                    "yes" if item["proxy_protocol"] else "no",
+                    item["max_connections"] or "unlimited",
+                    item["routes"],
+                )
+                for item in listeners
+            ]
+            print(table(headers, rows))
+        else:
+            print("no listeners")
+    return listeners
+
+
+def cmd_listeners_add(client: AdminClient, args: argparse.Namespace) -> object:
+    generation = client.add_listener(args.listener, args.proxy_protocol, args.max_connections)
+    return _done(args, f"listening on {args.listener}", generation)
+
+
+def cmd_listeners_remove(client: AdminClient, args: argparse.Namespace) -> object:
+    generation = client.remove_listener(args.listener)
+    return _done(args, f"stopped listening on {args.listener}", generation)
+
+
 def cmd_listeners_set_max(client: AdminClient, args: argparse.Namespace) -> object:
     generation = client.set_listener_max_connections(args.listener, args.max_connections)
     limit = args.max_connections or "unlimited"
@@ -615,7 +653,45 @@ def build_parser() -> argparse.ArgumentParser:
             help="192.0.2.1, 2001:db8::1, 198.51.100.0/24 or an ISO 3166 code such as KP",
         )
 
-    listeners = group("listeners", "listener settings")
+    listeners = group("listeners", "listeners and their settings")
+    command(
+        listeners,
+        "list",
+        cmd_listeners_list,
+        "list the listeners",
+        "Every listener: address, PROXY protocol, connection limit, number of routes.",
+    )
+    sub = command(
+        listeners,
+        "add",
+        cmd_listeners_add,
+        "start listening on a new address",
+        "Bind a new listener on every worker and store it. When the command returns, every"
+        " worker accepts on it; add routes to it with 'routes add'. A port that cannot be"
+        " bound fails naming the reason, and nothing is stored.",
+    )
+    sub.add_argument("--listener", required=True, metavar="ADDR", help="e.g. :8443")
+    sub.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="expect a PROXY protocol header (v1 or v2) from every client",
+    )
+    sub.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open connections at once, across all workers (0 = unlimited)",
+    )
+    sub = command(
+        listeners,
+        "remove",
+        cmd_listeners_remove,
+        "stop listening on an address",
+        "Remove a listener and its routes. When the command returns no worker accepts on"
+        " it; connections already open on it carry on until they end.",
+    )
+    sub.add_argument("--listener", required=True, metavar="ADDR", help="e.g. :8443")
     sub = command(
         listeners,
         "set-max-connections",

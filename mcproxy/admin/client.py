@@ -87,6 +87,14 @@ class ListedRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class ListedListener:
+    listener: str
+    proxy_protocol: bool
+    max_connections: int
+    routes: int
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedState:
     """What ``apply_state`` did (or, with ``dry_run``, would do)."""
 
@@ -213,6 +221,30 @@ class AdminClient:
         ).generation
 
     # --- listeners --------------------------------------------------------------------
+
+    def list_listeners(self) -> list[ListedListener]:
+        """Every listener, by address."""
+        response = self._call(
+            self._stub.ListListeners, pb.ListListenersRequest(), pb.ListListenersResponse
+        )
+        return [
+            ListedListener(item.listener, item.proxy_protocol, item.max_connections, item.routes)
+            for item in response.listeners
+        ]
+
+    def add_listener(
+        self, listener: str, proxy_protocol: bool = False, max_connections: int = 0
+    ) -> int:
+        """Bound, stored and accepting on every worker when this returns."""
+        request = pb.AddListenerRequest(
+            listener=listener, proxy_protocol=proxy_protocol, max_connections=max_connections
+        )
+        return self._call(self._stub.AddListener, request, pb.AddListenerResponse).generation
+
+    def remove_listener(self, listener: str) -> int:
+        """No worker accepts on it when this returns; open connections finish."""
+        request = pb.RemoveListenerRequest(listener=listener)
+        return self._call(self._stub.RemoveListener, request, pb.RemoveListenerResponse).generation
 
     def set_listener_max_connections(self, listener: str, max_connections: int) -> int:
         """0 = unlimited."""

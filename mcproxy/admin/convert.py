@@ -32,7 +32,10 @@ from mcproxy.model import (
     HealthCheck,
     HealthCheckKind,
     L7Policy,
+    Listener,
+    ListenerAdded,
     ListenerMaxConnectionsSet,
+    ListenerRemoved,
     Mode,
     PolicyAdded,
     PolicyKind,
@@ -48,6 +51,7 @@ from mcproxy.supervisor.status import ListenerStatus, Status, WorkerStatus
 
 __all__ = [
     "InvalidArgument",
+    "add_listener",
     "add_route",
     "firewall_rule",
     "firewall_rules_from_message",
@@ -59,6 +63,7 @@ __all__ = [
     "policy_change",
     "policy_from_message",
     "policy_to_message",
+    "remove_listener",
     "remove_route",
     "route_from_message",
     "route_from_reply",
@@ -314,6 +319,39 @@ def max_connections(
     except ValueError as exc:
         raise _one("max_connections", str(exc)) from None
     return ListenerMaxConnectionsSet(listener, limit)
+
+
+def add_listener(request: pb.AddListenerRequest) -> ListenerAdded:
+    """A new listener without routes; whether its address is free is the loop's call."""
+    problems: list[tuple[str, str]] = []
+    addr: Address | None = None
+    if not request.listener.strip():
+        problems.append(("listener", "required (a listener address such as ':443')"))
+    else:
+        try:
+            addr = validation.listener_address(request.listener)
+        except ValueError as exc:
+            problems.append(("listener", str(exc)))
+    limit = 0
+    try:
+        limit = validation.max_connections(request.max_connections)
+    except ValueError as exc:
+        problems.append(("max_connections", str(exc)))
+    if problems or addr is None:
+        raise InvalidArgument(problems)
+    return ListenerAdded(
+        Listener(addr=addr, proxy_protocol=request.proxy_protocol, max_connections=limit)
+    )
+
+
+def remove_listener(request: pb.RemoveListenerRequest) -> ListenerRemoved:
+    """NOT_FOUND (from the loop) when no such listener exists."""
+    if not request.listener.strip():
+        raise _one("listener", "required (a listener address such as ':443')")
+    try:
+        return ListenerRemoved(str(validation.listener_address(request.listener)))
+    except ValueError as exc:
+        raise _one("listener", str(exc)) from None
 
 
 def policy_change(

@@ -26,7 +26,8 @@ from mcproxy.admin import convert, stateapi
 from mcproxy.admin.convert import InvalidArgument
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
-from mcproxy.model import Change, ProxyState, StateError
+from mcproxy.health import BackendState
+from mcproxy.model import Change, ProxyState, Route, StateError
 from mcproxy.supervisor.manager import ACK_TIMEOUT, Stopping, WorkerNotAcknowledged
 from mcproxy.supervisor.status import Status
 
@@ -54,6 +55,8 @@ class AdminBackend(Protocol):
     def submit(self, change: Change) -> concurrent.futures.Future[int]: ...
 
     def status(self) -> Status: ...
+
+    def backend_states(self, route: Route) -> list[BackendState]: ...
 
 
 class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
@@ -118,7 +121,14 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
             addrs = sorted(state.listeners)
         return pb.ListRoutesResponse(
             routes=[
-                pb.ListedRoute(listener=addr, route=convert.route_to_message(route))
+                pb.ListedRoute(
+                    listener=addr,
+                    route=convert.route_to_message(route),
+                    backend_states=[
+                        pb.BackendStatus(address=str(b.address), up=b.up, reason=b.reason)
+                        for b in self.backend.backend_states(route)
+                    ],
+                )
                 for addr in addrs
                 for _, route in sorted(state.listeners[addr].routes.items())
             ]
@@ -173,23 +183,36 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
         generation = self._change(context, lambda state: convert.max_connections(state, request))
         return pb.SetListenerMaxConnectionsResponse(generation=generation)
 
-    # Not yet served (DESIGN.md, "Second batch"): the helpers that build runtime
-    # listeners and export/apply replace these.
-
     def ListListeners(
         self, request: pb.ListListenersRequest, context: grpc.ServicerContext
     ) -> pb.ListListenersResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListListeners is not implemented yet")
+        state = self.backend.state
+        return pb.ListListenersResponse(
+            listeners=[
+                pb.ListedListener(
+                    listener=addr,
+                    proxy_protocol=listener.proxy_protocol,
+                    max_connections=listener.max_connections,
+                    routes=len(listener.routes),
+                )
+                for addr, listener in sorted(state.listeners.items())
+            ]
+        )
 
     def AddListener(
         self, request: pb.AddListenerRequest, context: grpc.ServicerContext
     ) -> pb.AddListenerResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "AddListener is not implemented yet")
+        """Bound on every slot (FAILED_PRECONDITION naming the reason if not, nothing
+        stored), committed, then accepting on every worker when this returns."""
+        generation = self._change(context, lambda _: convert.add_listener(request))
+        return pb.AddListenerResponse(generation=generation)
 
     def RemoveListener(
         self, request: pb.RemoveListenerRequest, context: grpc.ServicerContext
     ) -> pb.RemoveListenerResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "RemoveListener is not implemented yet")
+        """No worker accepts on it when this returns; its open connections carry on."""
+        generation = self._change(context, lambda _: convert.remove_listener(request))
+        return pb.RemoveListenerResponse(generation=generation)
 
     # --- state ------------------------------------------------------------------------
 

@@ -33,15 +33,18 @@ from dataclasses import dataclass, field
 import mcproxy
 from mcproxy import limits, pipe
 from mcproxy.config import Config
+from mcproxy.health import BackendState, CheckTarget, Verdict, route_states
 from mcproxy.model import (
     Change,
     FirewallRuleAdded,
     FirewallRuleKind,
     ProxyState,
+    Route,
     StateError,
     apply_change,
 )
-from mcproxy.supervisor.sockets import open_listening_socket
+from mcproxy.supervisor.health import HealthRunner
+from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
 from mcproxy.worker.main import BOOT_ERROR
@@ -60,6 +63,14 @@ SEND_TIMEOUT = 10.0
 STABLE_LIFETIME = 10.0
 """A worker that lived this long before dying is respawned at once; sooner is a crash loop."""
 MAX_BACKOFF = 30.0
+SPARE_LISTENER_ROWS = 64
+"""Shared-memory counter rows kept free for listeners added at runtime."""
+
+
+def cell_columns(workers: int) -> int:
+    """Counter cells per listener row: twice the workers (at least 16), so that during
+    an upgrade the new workers count in cells the old ones do not hold."""
+    return max(16, 2 * workers)
 
 
 def respawn_delay(quick_deaths: int) -> float:
@@ -139,6 +150,12 @@ class Supervisor:
         self.metrics_dir: str | None = None
         self.on_worker_exit: list[Callable[[int], None]] = []
         """Called with the pid of each worker that is gone for good (metrics bookkeeping)."""
+        self.health: HealthRunner | None = None
+        """Runs the backends' health checks in its own thread (ARCHITECTURE.md)."""
+        self.verdicts_in: queue.SimpleQueue[Verdict] = queue.SimpleQueue()
+        self.backends_down: dict[CheckTarget, Verdict] = {}
+        """What the workers were told is down (a new worker gets it after its snapshot)."""
+        self._health_state: ProxyState | None = None
         self._snapshot_cache: tuple[ProxyState, bytes] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
@@ -157,8 +174,30 @@ class Supervisor:
             self.slots.append(Slot(index, sockets))
 
     def create_shared_memory(self) -> None:
-        """Create the limits table every worker maps; listeners are fixed for the process."""
-        self.shared = limits.create(sorted(self.state.listeners), self.config.worker_count())
+        """Create the limits table every worker maps, with rows to spare for listeners
+        added at runtime and cells to spare for an upgrade's overlapping workers."""
+        self.shared = limits.create(
+            sorted(self.state.listeners),
+            cell_columns(self.config.worker_count()),
+            rows=len(self.state.listeners) + SPARE_LISTENER_ROWS,
+        )
+
+    def start_health_checks(self) -> None:
+        """Start the health-check thread on the current state's targets."""
+        self.health = HealthRunner(self._verdict_arrived).start()
+        self._health_state = self.state
+        self.health.set_state(self.state)
+
+    def backend_states(self, route: Route) -> list[BackendState]:
+        """Each backend of ``route`` with its health verdict (thread-safe)."""
+        verdicts = self.health.by_target() if self.health is not None else {}
+        return route_states(route, verdicts)
+
+    def _verdict_arrived(self, verdict: Verdict) -> None:
+        """In the health thread: queue it and wake the loop, which tells the workers."""
+        self.verdicts_in.put(verdict)
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"h")
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -179,6 +218,7 @@ class Supervisor:
                 self.wait(self._next_timeout())
                 self.handle_signals()
                 self.handle_requests()
+                self.handle_health()
                 self.reap()
                 self.expire_pending()
                 self.kill_unresponsive()
@@ -262,6 +302,8 @@ class Supervisor:
         )
         self._send(worker, boot)
         self._send_encoded(worker, self._snapshot_frame())
+        if self.backends_down:
+            self._send(worker, pipe.Health(tuple(self.backends_down.values()), full=True))
         log.info("worker %d started (pid %d)", slot.index, worker.pid)
 
     def _snapshot_frame(self) -> bytes:
@@ -490,23 +532,122 @@ class Supervisor:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            opened: dict[str, dict[int, socket.socket]] = {}
             try:
                 new_state = apply_change(self.state, change)  # validates against the state
                 self._check_precondition(change)
+                added = sorted(new_state.listeners.keys() - self.state.listeners.keys())
+                removed = sorted(self.state.listeners.keys() - new_state.listeners.keys())
+                opened = self._open_listener_sockets(new_state, added)  # before the commit
                 self.store.apply(change)  # invariant 2: commit first...
             except Exception as exc:
+                for sockets in opened.values():
+                    for sock in sockets.values():
+                        sock.close()
                 future.set_exception(exc)
                 continue
             self.state = new_state  # ...then the supervisor's state, then the workers
+            for slot in self.slots:
+                for addr in added:
+                    slot.sockets[addr] = opened[addr][slot.index]
             live = [s.worker for s in self.slots if s.worker is not None]
-            delta = pipe.encode(pipe.Delta(change, new_state.generation))
-            for worker in live:
-                self._send_encoded(worker, delta)
+            if added:
+                for worker in live:
+                    slot_sockets = self.slots[worker.slot - 1].sockets
+                    self._send(
+                        worker,
+                        pipe.Delta(change, new_state.generation, tuple(added)),
+                        [slot_sockets[addr].fileno() for addr in added],
+                    )
+            else:
+                delta = pipe.encode(pipe.Delta(change, new_state.generation))
+                for worker in live:
+                    self._send_encoded(worker, delta)
+            for addr in removed:  # the workers close theirs as they apply the change
+                for slot in self.slots:
+                    if addr in slot.sockets:
+                        slot.sockets.pop(addr).close()
+            if added or removed:
+                log.info("listeners: added %s, removed %s", added or "none", removed or "none")
             waiting = {w.pid for w in live if w.generation < new_state.generation}
             self.pending.append(
                 PendingChange(new_state.generation, future, waiting, time.monotonic() + ACK_TIMEOUT)
             )
         self._settle_pending()
+
+    def handle_health(self) -> None:
+        """Pass the health thread's verdicts to every worker, and the state's targets to it."""
+        if self.health is None:
+            return
+        if self.state is not self._health_state:
+            self._health_state = self.state
+            self.health.set_state(self.state)
+        verdicts: list[Verdict] = []
+        while True:
+            try:
+                verdicts.append(self.verdicts_in.get_nowait())
+            except queue.Empty:
+                break
+        users = self.health.users
+        if any(t not in users for t in self.backends_down):  # routes gone: forget them
+            self.backends_down = {t: v for t, v in self.backends_down.items() if t in users}
+        if not verdicts:
+            return
+        for verdict in verdicts:
+            routes = ", ".join(f"{h} on {addr}" for addr, h in users.get(verdict.target, ()))
+            if verdict.up:
+                self.backends_down.pop(verdict.target, None)
+                log.info(
+                    "backend %s is up again: %s (routes: %s)",
+                    verdict.target.describe(),
+                    verdict.reason,
+                    routes or "-",
+                )
+            else:
+                self.backends_down[verdict.target] = verdict
+                log.warning(
+                    "backend %s is down: %s (routes: %s)",
+                    verdict.target.describe(),
+                    verdict.reason,
+                    routes or "-",
+                )
+        message = pipe.Health(tuple(verdicts))
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._send(slot.worker, message)
+
+    def _open_listener_sockets(
+        self, state: ProxyState, added: list[str]
+    ) -> dict[str, dict[int, socket.socket]]:
+        """Bind each added listener once per slot, and give it a shared-memory row;
+        raises StateError("failed_precondition") naming the address and the reason."""
+        if len(added) > pipe.MAX_FDS:
+            raise StateError(
+                "failed_precondition", f"at most {pipe.MAX_FDS} listeners can be added at once"
+            )
+        opened: dict[str, dict[int, socket.socket]] = {}
+        try:
+            for addr in added:
+                opened[addr] = {}
+                for slot in self.slots:
+                    opened[addr][slot.index] = open_listening_socket(state.listeners[addr].addr)
+                if self.shared is not None and self.shared.limits.add_listener(addr) is None:
+                    raise StateError(
+                        "failed_precondition",
+                        f"cannot add listener {addr}: every shared-memory listener row is"
+                        " taken; restart mc-proxy to make room",
+                    )
+        except ListenError as exc:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise StateError("failed_precondition", str(exc)) from None
+        except BaseException:
+            for sockets in opened.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise
+        return opened
 
     def _check_precondition(self, change: Change) -> None:
         """Refuse a change this process cannot honour (FAILED_PRECONDITION at the API)."""
@@ -554,6 +695,8 @@ class Supervisor:
     def stop(self) -> None:
         """Stop accepting, let workers drain up to shutdown_timeout, then kill the rest."""
         self.stopping = True
+        if self.health is not None:
+            self.health.stop()
         for slot in self.slots:
             for sock in slot.sockets.values():
                 sock.close()

@@ -48,7 +48,10 @@ class SharedAdmission:
         except KeyError:
             pass
         row = self.limits.listener_index.get(str(listener.addr))
-        if row is None:  # listeners are fixed at start; this would be a bug, not an attack
+        if row is None:  # added at runtime: the supervisor wrote its row before the change
+            self.limits.reload_directory()
+            row = self.limits.listener_index.get(str(listener.addr))
+        if row is None:  # no row was free; a bug or an exhausted table, not an attack
             log.error("listener %s has no connection counter; not limiting it", listener.addr)
         self._rows[listener.addr] = row
         return row

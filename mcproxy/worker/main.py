@@ -27,6 +27,7 @@ from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
 from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
+from mcproxy.worker.balance import SharedCounts
 from mcproxy.worker.geoip import GeoIP
 from mcproxy.worker.l7 import L7Proxy
 from mcproxy.worker.listener import Admission, ConnectionServer
@@ -111,15 +112,21 @@ class Worker:
                 self._set_state(state)
                 if not self.booted:
                     self._start_serving()
+            case pipe.Health(verdicts=verdicts, full=full):
+                if self.server is not None:
+                    self.server.balancer.set_verdicts(verdicts, full)
+                return  # not a change: nothing to acknowledge
             case pipe.Delta(change=change, generation=generation):
                 if generation != self.state.generation + 1:
                     raise RuntimeError(
                         f"delta for generation {generation} on top of {self.state.generation}"
                     )
+                sockets = self._take_sockets(message.listen_addrs)
                 try:
                     self._set_state(apply_change(self.state, change))
                 except StateError as exc:  # the supervisor checked it: a bug if we get here
                     raise RuntimeError(f"delta does not apply: {exc}") from exc
+                self._sync_listeners(sockets)
             case _:
                 raise RuntimeError(f"unexpected message {message!r}")
         if isinstance(message, pipe.Snapshot | pipe.Delta):
@@ -131,6 +138,7 @@ class Worker:
         self.boot = boot
         setproctitle(f"mc-proxy: worker {boot.slot}")
         admission: Admission | None = None
+        shared: limits.SharedLimits | None = None
         if boot.shm_fd is not None:
             shared = limits.attach(boot.shm_fd).limits
             admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
@@ -140,6 +148,9 @@ class Worker:
         self.server = ConnectionServer(
             asyncio.get_running_loop(), boot.timeouts, admission, country_of
         )
+        self.server.balancer.offset(boot.slot)
+        if shared is not None:
+            self.server.balancer.counts = SharedCounts(shared, boot.slot - 1)
         L7Proxy(self.server).install()
         if boot.metrics_dir is not None:
             from mcproxy.worker.metrics import WorkerMetrics, require_multiprocess_mode
@@ -153,6 +164,28 @@ class Worker:
         self.server.start_listening(sockets)
         self.booted = True
         log.info("worker %d serving generation %d", self.boot.slot, self.state.generation)
+
+    def _take_sockets(self, addrs: tuple[str, ...]) -> dict[str, socket.socket]:
+        """The listening sockets that came with a frame (SCM_RIGHTS), in its order."""
+        if len(self.fds) < len(addrs):
+            raise RuntimeError(f"a delta adds {len(addrs)} listeners but came with fewer fds")
+        return {addr: socket.socket(fileno=self.fds.popleft()) for addr in addrs}
+
+    def _sync_listeners(self, added: dict[str, socket.socket]) -> None:
+        """Accept on listeners just added; stop accepting on those removed (their open
+        connections carry on). Done before the Ack, so the RPC returns only once every
+        worker accepts, or no longer accepts, on them."""
+        server = self.server
+        if server is None:
+            for sock in added.values():
+                sock.close()
+            return
+        for addr in [a for a in server.listening() if a not in self.state.listeners]:
+            server.close_listener(addr)
+            log.info("stopped listening on %s", addr)
+        if added:
+            server.start_listening(added)
+            log.info("listening on %s", ", ".join(added))
 
     def _set_state(self, state: ProxyState) -> None:
         self.state = state

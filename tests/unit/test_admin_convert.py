@@ -485,3 +485,21 @@ def test_update_route_is_validated_like_add_route(state: ProxyState, trust: dict
     assert set(fields) == {"listener", "route.backend"}
     with pytest.raises(InvalidArgument, match=r"^route: required"):
         convert.update_route(state, pb.UpdateRouteRequest(listener=LISTENER))
+
+
+def test_add_listener_requests_are_validated() -> None:
+    from mcproxy.model import ListenerAdded, ListenerRemoved
+
+    change = convert.add_listener(
+        pb.AddListenerRequest(listener=":8443", proxy_protocol=True, max_connections=5)
+    )
+    assert isinstance(change, ListenerAdded)
+    assert str(change.listener.addr) == ":8443"
+    assert change.listener.proxy_protocol and change.listener.max_connections == 5
+    with pytest.raises(convert.InvalidArgument) as caught:
+        convert.add_listener(pb.AddListenerRequest(listener="nope", max_connections=-1))
+    fields = {field for field, _ in caught.value.problems}
+    assert fields == {"listener", "max_connections"}
+    assert convert.remove_listener(pb.RemoveListenerRequest(listener=":8443")) == (
+        ListenerRemoved(":8443")
+    )

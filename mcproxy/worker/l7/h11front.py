@@ -427,7 +427,11 @@ class H11Front:
         exchange = self.current
         assert exchange is not None
         upgrade = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
-        self.send(h11.InformationalResponse(status_code=101, headers=upgrade + fields))
+        self.send(
+            h11.InformationalResponse(
+                status_code=101, headers=upgrade + fields, reason=b"Switching Protocols"
+            )
+        )
         if self.closed:
             return
         early, closed = self.conn.trailing_data

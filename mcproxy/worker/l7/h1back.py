@@ -50,7 +50,7 @@ from h2.errors import ErrorCodes
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
 from mcproxy.worker.l7.headers import Headers, end_to_end
-from mcproxy.worker.l7.pool import ConnState, PooledConnection
+from mcproxy.worker.l7.pool import BackendPool, ConnState, PooledConnection
 
 __all__ = [
     "IDEMPOTENT",
@@ -185,7 +185,7 @@ class H1Back(PooledConnection):
             return
         self.closed = True
         self.io.close()
-        self._gone()
+        self._gone(None)
 
     def abort(self) -> None:
         """Reset the connection now (the client went away mid-exchange, connect timeout)."""
@@ -193,10 +193,8 @@ class H1Back(PooledConnection):
             return
         self.closed = True
         self.io.abort()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None and not exchange.finished:
-            exchange.backend_failed(502, self.failure or "backend connection aborted")
-        self._gone()
+        # The exchange (if any) asked for this, or the pool gave up on a dial: no one to tell.
+        self._gone(self.exchange)
 
     # --- towards the backend ------------------------------------------------------------------
 
@@ -275,11 +273,12 @@ class H1Back(PooledConnection):
         if self.closed:
             return
         if self.tunnel:
-            # The client ended its side of the tunnel: so does the backend connection.
-            exchange = self.exchange
-            self.close()
-            if exchange is not None:
-                exchange.response.receive_end()
+            # The client ended its side of the tunnel (HTTP/2 END_STREAM, or EOF): pass the
+            # half-close on and keep reading, so that the backend's close frame still comes
+            # back; the backend's EOF ends the tunnel (``_end_tunnel``).
+            write_eof = getattr(self.io, "write_eof", None)
+            if write_eof is not None:
+                write_eof()
             return
         if self._upgrading:
             return  # the upgrade GET ended with its head
@@ -291,12 +290,12 @@ class H1Back(PooledConnection):
         except h11.LocalProtocolError as exc:
             # A request HTTP/1.1 cannot carry (a body longer than its content-length...).
             self.failure = f"request not sendable as HTTP/1.1: {exc}"
-            exchange, self.exchange = self.exchange, None
+            exchange = self.exchange
             self.closed = True
             self.io.abort()
+            self._gone(exchange)
             if exchange is not None:
                 exchange.backend_failed(502, self.failure)
-            self._gone()
             return False
         if data:
             self._out.append(data)
@@ -428,7 +427,7 @@ class H1Back(PooledConnection):
                 exchange.backend_reset(ErrorCodes.NO_ERROR)
 
     def _peer_closed(self, detail: str, protocol_error: bool = False) -> None:
-        exchange, self.exchange = self.exchange, None
+        exchange = self.exchange
         self.closed = True
         self.failure = detail
         if protocol_error:
@@ -437,24 +436,25 @@ class H1Back(PooledConnection):
             self.io.abort()
         else:
             self.io.close()
+        siblings_stale = self.served > 1
+        pool = self.pool
+        self._gone(exchange)  # out of the pool first: a retry must not come back here
         if exchange is not None and not exchange.finished:
             if (
                 not self._response_started
                 and not protocol_error
-                and self.served > 1
+                and siblings_stale
                 and exchange.requeues == 0
                 and exchange.method in IDEMPOTENT
                 and not exchange.request.forwarded
             ):
                 # A kept-alive connection the backend had closed as the request went out.
-                self._close_idle_siblings()
+                self._close_idle_siblings(pool)
                 exchange.requeue_or_fail("backend closed a kept-alive connection")
             else:
                 exchange.backend_failed(502, detail)
-        self._gone()
 
-    def _close_idle_siblings(self) -> None:
-        pool = self.pool
+    def _close_idle_siblings(self, pool: BackendPool | None) -> None:
         if pool is None:
             return
         for connection in list(pool.connections):
@@ -529,8 +529,13 @@ class H1Back(PooledConnection):
         if pool is not None and exchange is not None:
             pool.released(self, exchange)
 
-    def _gone(self) -> None:
+    def _gone(self, exchange: Exchange | None) -> None:
+        """CLOSED, and ``exchange`` (the one it served, if any) released to the pool."""
+        self.exchange = None if exchange is self.exchange else self.exchange
+        pool = self.pool
         self.transition(ConnState.CLOSED)
+        if pool is not None and exchange is not None:
+            pool.released(self, exchange)
 
 
 def _fields(event: h11.Response | h11.InformationalResponse) -> Headers:
