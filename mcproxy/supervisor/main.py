@@ -96,6 +96,7 @@ def serve(config: Config) -> int:
         log.error("%s", exc)
         return 1
     supervisor.create_shared_memory()
+    supervisor.start_health_checks()
     try:
         admin = AdminServer(config.admin_socket, supervisor).start()
     except AdminSocketError as exc:
