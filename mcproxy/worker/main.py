@@ -135,7 +135,8 @@ class Worker:
         admission: Admission | None = None
         if boot.shm_fd is not None:
             shared = limits.attach(boot.shm_fd).limits
-            admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
+            column = boot.cell + 1 if boot.cell is not None else boot.slot
+            admission = SharedAdmission(shared, column, boot.rate_limit, boot.rate_window)
         if boot.geoip_db is not None:
             self.geoip = GeoIP(boot.geoip_db)
         country_of = self.geoip.country if self.geoip is not None else None
