@@ -78,18 +78,26 @@ frontend tls_http
 frontend h2c
     bind 127.0.0.1:{h2c_port} proto h2
     http-request return status 200 content-type text/plain string "ok"
+frontend h1c
+    bind 127.0.0.1:{h1_port}
+    http-request return status 200 content-type text/plain string "ok"
 """
 
 
 class ResponderBackend:
-    """An HAProxy answering ``200 ok`` on a TLS port (HTTP/1.1) and an h2c port."""
+    """An HAProxy answering ``200 ok`` on a TLS port (HTTP/1.1), an h2c and a cleartext
+    HTTP/1.1 port (the backend of the ``_h1back`` L7 scenarios)."""
 
     def __init__(self, directory: Path, pem: Path, maxconn: int) -> None:
-        self.tls_port, self.h2c_port = free_port(), free_port()
+        self.tls_port, self.h2c_port, self.h1_port = free_port(), free_port(), free_port()
         config = directory / "responder.cfg"
         config.write_text(
             RESPONDER_CONFIG.format(
-                tls_port=self.tls_port, h2c_port=self.h2c_port, pem=pem, maxconn=maxconn
+                tls_port=self.tls_port,
+                h2c_port=self.h2c_port,
+                h1_port=self.h1_port,
+                pem=pem,
+                maxconn=maxconn,
             )
         )
         self.process = subprocess.Popen(
@@ -99,7 +107,7 @@ class ResponderBackend:
         )
         try:
             wait_for(
-                lambda: port_open(self.tls_port) and port_open(self.h2c_port),
+                lambda: all(map(port_open, (self.tls_port, self.h2c_port, self.h1_port))),
                 20,
                 "the responder backend",
             )

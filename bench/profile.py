@@ -60,7 +60,10 @@ def _short(frame: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("scenario", choices=["l4_bulk", "l4_connrate", "l7_h2", "l7_http1"])
+    parser.add_argument(
+        "scenario",
+        choices=["l4_bulk", "l4_connrate", "l7_h2", "l7_http1", "l7_h2_h1back", "l7_http1_h1back"],
+    )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--keep", type=Path, help="directory for the collapsed stacks")
@@ -87,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         source = SourceBackend(bulk_cert, bulk_key)
         responder = ResponderBackend(directory, conn_pem, 2000)
         upstreams = Upstreams(
-            source.port, responder.tls_port, responder.h2c_port, l7_cert, l7_key, l7_pem
+            source.port,
+            responder.tls_port,
+            responder.h2c_port,
+            l7_cert,
+            l7_key,
+            l7_pem,
+            responder.h1_port,
         )
         proxy = McProxy(directory / "mc-proxy", upstreams, workers=1)
         proxy.start()

@@ -35,12 +35,16 @@ class Upstreams:
     l7_key: Path
     l7_pem: Path
     """Certificate and key in one file, as HAProxy's ``crt`` wants it."""
+    h1_port: int = 0
+    """The responder's cleartext HTTP/1.1 port: the backend of the second L7 listener."""
 
 
 class Proxy(Protocol):
     name: str
     l4_port: int
     l7_port: int
+    l7h1_port: int
+    """The L7 listener whose backend speaks HTTP/1.1 (``backend_protocol: h1``)."""
 
     @property
     def tree(self) -> ProcessTree: ...
@@ -55,7 +59,13 @@ class McProxy:
 
     def __init__(self, directory: Path, upstreams: Upstreams, workers: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.l4_port, self.l7_port = free_port(), free_port()
+        self.l4_port, self.l7_port, self.l7h1_port = free_port(), free_port(), free_port()
+        l7_route = {
+            "hostname": "localhost",
+            "mode": "l7",
+            "tls_cert": str(upstreams.l7_cert),
+            "tls_key": str(upstreams.l7_key),
+        }
         config = {
             "proxy": {
                 "connect_timeout": "5s",
@@ -73,13 +83,15 @@ class McProxy:
                 },
                 {
                     "addr": f"127.0.0.1:{self.l7_port}",
+                    "routes": [{**l7_route, "backend": f"127.0.0.1:{upstreams.h2c_port}"}],
+                },
+                {
+                    "addr": f"127.0.0.1:{self.l7h1_port}",
                     "routes": [
                         {
-                            "hostname": "localhost",
-                            "backend": f"127.0.0.1:{upstreams.h2c_port}",
-                            "mode": "l7",
-                            "tls_cert": str(upstreams.l7_cert),
-                            "tls_key": str(upstreams.l7_key),
+                            **l7_route,
+                            "backend": f"127.0.0.1:{upstreams.h1_port}",
+                            "backend_protocol": "h1",
                         }
                     ],
                 },
@@ -136,6 +148,17 @@ frontend l7
 backend h2c
     mode http
     server responder 127.0.0.1:{h2c_port} proto h2
+frontend l7h1
+    mode http
+    option httplog
+    bind 127.0.0.1:{l7h1_port} ssl crt {l7_pem} alpn h2,http/1.1
+    option forwardfor
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Proto https
+    default_backend h1
+backend h1
+    mode http
+    server responder 127.0.0.1:{h1_port}
 """
 
 
@@ -147,7 +170,7 @@ class HAProxy:
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.l4_port, self.l7_port = free_port(), free_port()
+        self.l4_port, self.l7_port, self.l7h1_port = free_port(), free_port(), free_port()
         self.config = directory / "haproxy.cfg"
         self.config.write_text(
             HAPROXY_CONFIG.format(
@@ -155,6 +178,8 @@ class HAProxy:
                 maxconn=maxconn,
                 l4_port=self.l4_port,
                 l7_port=self.l7_port,
+                l7h1_port=self.l7h1_port,
+                h1_port=upstreams.h1_port,
                 source_port=upstreams.source_port,
                 tls_port=upstreams.tls_port,
                 h2c_port=upstreams.h2c_port,
@@ -174,7 +199,9 @@ class HAProxy:
                 ["haproxy", "-db", "-f", str(self.config)], stdout=log, stderr=log
             )
         wait_for(
-            lambda: port_open(self.l4_port) and port_open(self.l7_port), 20, "haproxy listening"
+            lambda: all(map(port_open, (self.l4_port, self.l7_port, self.l7h1_port))),
+            20,
+            "haproxy listening",
         )
 
     def stop(self) -> None:

@@ -46,6 +46,11 @@ ROWS = (
     Row("l7_h2", "p99_ms", "L7 h2: p99 ms"),
     Row("l7_http1", "cpu_us_per_req", "L7 HTTP/1.1: CPU us per req", "ratio<=6"),
     Row("l7_http1", "req_per_s", "L7 HTTP/1.1: req/s"),
+    Row("l7_h2_h1back", "cpu_us_per_req", "L7 h2, h1 backend: CPU us per req", "ratio<=6"),
+    Row("l7_h2_h1back", "req_per_s", "L7 h2, h1 backend: req/s"),
+    Row("l7_h2_h1back", "p99_ms", "L7 h2, h1 backend: p99 ms"),
+    Row("l7_http1_h1back", "cpu_us_per_req", "L7 HTTP/1.1, h1 backend: CPU us per req", "ratio<=6"),
+    Row("l7_http1_h1back", "req_per_s", "L7 HTTP/1.1, h1 backend: req/s"),
     Row("idle_l4", "kib_per_conn", "idle L4: KiB per conn", "<=16"),
     Row("idle_l7", "kib_per_conn", "idle L7: KiB per conn", "<=64"),
 )

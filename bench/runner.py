@@ -33,7 +33,15 @@ from tests.e2e.harness import REPO_ROOT
 
 __all__ = ["run"]
 
-_SIDE_BY_SIDE = ("l4_bulk", "l4_connrate", "l4_latency", "l7_h2", "l7_http1")
+_SIDE_BY_SIDE = (
+    "l4_bulk",
+    "l4_connrate",
+    "l4_latency",
+    "l7_h2",
+    "l7_http1",
+    "l7_h2_h1back",
+    "l7_http1_h1back",
+)
 _FD_HEADROOM = 100
 
 
@@ -68,9 +76,9 @@ def _raise_fd_limit(settings: Settings) -> Settings:
 
 def _missing_tools(settings: Settings) -> list[str]:
     needed = ["haproxy"]
-    if "l7_h2" in settings.scenarios:
+    if any(s.startswith("l7_h2") for s in settings.scenarios):
         needed.append("h2load")
-    if "l7_http1" in settings.scenarios:
+    if any(s.startswith("l7_http1") for s in settings.scenarios):
         needed.append("wrk")
     return [tool for tool in needed if shutil.which(tool) is None]
 
@@ -222,7 +230,13 @@ def run(settings: Settings, label: str = "") -> int:
         responder = ResponderBackend(directory, conn_pem, _maxconn(settings))
         stack.callback(responder.stop)
         upstreams = Upstreams(
-            source.port, responder.tls_port, responder.h2c_port, l7_cert, l7_key, l7_pem
+            source.port,
+            responder.tls_port,
+            responder.h2c_port,
+            l7_cert,
+            l7_key,
+            l7_pem,
+            responder.h1_port,
         )
         bench = Bench(settings, directory, upstreams, label)
         stack.callback(bench.out.close)

@@ -33,7 +33,9 @@ __all__ = [
     "l4_latency",
     "l7_available",
     "l7_h2",
+    "l7_h2_h1back",
     "l7_http1",
+    "l7_http1_h1back",
     "parse_h2load",
     "parse_wrk",
 ]
@@ -175,7 +177,7 @@ def parse_h2load(output: str, log: str) -> Figures:
     }
 
 
-def l7_h2(proxy: Proxy, settings: Settings) -> Figures:
+def l7_h2(proxy: Proxy, settings: Settings, port: int | None = None) -> Figures:
     """h2load over TLS to the L7 route (h2c backend): CPU per request, req/s, p50/p99."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "h2load.log"
@@ -186,7 +188,7 @@ def l7_h2(proxy: Proxy, settings: Settings) -> Figures:
             f"-m{settings.h2_streams}",
             f"-D{settings.l7_seconds}",
             f"--log-file={log}",
-            f"https://localhost:{proxy.l7_port}/",
+            f"https://localhost:{port or proxy.l7_port}/",
         ]
         output = ""
 
@@ -226,7 +228,7 @@ def parse_wrk(output: str) -> Figures:
     return figures
 
 
-def l7_http1(proxy: Proxy, settings: Settings) -> Figures:
+def l7_http1(proxy: Proxy, settings: Settings, port: int | None = None) -> Figures:
     """wrk over TLS, HTTP/1.1 keep-alive, to the same L7 route: CPU per request, req/s."""
     command = [
         "wrk",
@@ -234,7 +236,7 @@ def l7_http1(proxy: Proxy, settings: Settings) -> Figures:
         f"-c{settings.http1_connections}",
         f"-d{settings.l7_seconds}s",
         "--latency",
-        f"https://localhost:{proxy.l7_port}/",
+        f"https://localhost:{port or proxy.l7_port}/",
     ]
     f = _measured(proxy, lambda: parse_wrk(_run(command, settings.l7_seconds + _TOOL_GRACE)))
     if not f["requests"]:
@@ -244,6 +246,16 @@ def l7_http1(proxy: Proxy, settings: Settings) -> Figures:
         "cpu_us_per_req": f["cpu_s"] / f["requests"] * 1e6,
         "req_per_s": f["requests"] / f["seconds"],
     }
+
+
+def l7_h2_h1back(proxy: Proxy, settings: Settings) -> Figures:
+    """``l7_h2`` to a route whose backend speaks HTTP/1.1 (keep-alive pool)."""
+    return l7_h2(proxy, settings, proxy.l7h1_port)
+
+
+def l7_http1_h1back(proxy: Proxy, settings: Settings) -> Figures:
+    """``l7_http1`` to a route whose backend speaks HTTP/1.1 (keep-alive pool)."""
+    return l7_http1(proxy, settings, proxy.l7h1_port)
 
 
 # --- memory ------------------------------------------------------------------------------

@@ -7,7 +7,17 @@ from pathlib import Path
 
 __all__ = ["SCENARIOS", "Settings"]
 
-SCENARIOS = ("l4_bulk", "l4_connrate", "l4_latency", "l7_h2", "l7_http1", "idle_l4", "idle_l7")
+SCENARIOS = (
+    "l4_bulk",
+    "l4_connrate",
+    "l4_latency",
+    "l7_h2",
+    "l7_http1",
+    "l7_h2_h1back",
+    "l7_http1_h1back",
+    "idle_l4",
+    "idle_l7",
+)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ def _serve(config: Config, inherited: upgrade.Inherited | None) -> int:
     except (ListenError, MetricsError) as exc:
         raise _BootFailed(str(exc)) from None
     supervisor.create_shared_memory(inherited)
+    supervisor.start_health_checks()
     try:
         admin = AdminServer(config.admin_socket, supervisor).start()
     except AdminSocketError as exc:

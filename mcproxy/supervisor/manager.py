@@ -33,15 +33,18 @@ from dataclasses import dataclass, field, replace
 import mcproxy
 from mcproxy import limits, pipe
 from mcproxy.config import Config, ConfigError, load_config
+from mcproxy.health import BackendState, CheckTarget, Verdict, route_states
 from mcproxy.model import (
     Change,
     FirewallRuleAdded,
     FirewallRuleKind,
     ProxyState,
+    Route,
     StateError,
     apply_change,
 )
 from mcproxy.supervisor import upgrade
+from mcproxy.supervisor.health import HealthRunner
 from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
@@ -168,6 +171,12 @@ class Supervisor:
         self.metrics_dir: str | None = None
         self.on_worker_exit: list[Callable[[int], None]] = []
         """Called with the pid of each worker that is gone for good (metrics bookkeeping)."""
+        self.health: HealthRunner | None = None
+        """Runs the backends' health checks in its own thread (ARCHITECTURE.md)."""
+        self.verdicts_in: queue.SimpleQueue[Verdict] = queue.SimpleQueue()
+        self.backends_down: dict[CheckTarget, Verdict] = {}
+        """What the workers were told is down (a new worker gets it after its snapshot)."""
+        self._health_state: ProxyState | None = None
         self._snapshot_cache: tuple[ProxyState, bytes] | None = None
         self.retiring: list[RetiringWorker] = []
         """The previous program's workers after an upgrade, until they have drained."""
@@ -254,6 +263,23 @@ class Supervisor:
             ", ".join(str(w.pid) for w in self.retiring) or "none",
         )
 
+    def start_health_checks(self) -> None:
+        """Start the health-check thread on the current state's targets."""
+        self.health = HealthRunner(self._verdict_arrived).start()
+        self._health_state = self.state
+        self.health.set_state(self.state)
+
+    def backend_states(self, route: Route) -> list[BackendState]:
+        """Each backend of ``route`` with its health verdict (thread-safe)."""
+        verdicts = self.health.by_target() if self.health is not None else {}
+        return route_states(route, verdicts)
+
+    def _verdict_arrived(self, verdict: Verdict) -> None:
+        """In the health thread: queue it and wake the loop, which tells the workers."""
+        self.verdicts_in.put(verdict)
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"h")
+
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2):
@@ -274,6 +300,7 @@ class Supervisor:
                 self.handle_signals()
                 if not self.retiring or self.retire_signalled_at is not None:
                     self.handle_requests()  # not while the old workers still accept
+                self.handle_health()
                 self.reap()
                 self.expire_pending()
                 self.kill_unresponsive()
@@ -368,6 +395,8 @@ class Supervisor:
         )
         self._send(worker, boot)
         self._send_encoded(worker, self._snapshot_frame())
+        if self.backends_down:
+            self._send(worker, pipe.Health(tuple(self.backends_down.values()), full=True))
         log.info("worker %d started (pid %d)", slot.index, worker.pid)
 
     def _snapshot_frame(self) -> bytes:
@@ -775,6 +804,47 @@ class Supervisor:
             )
         self._settle_pending()
 
+    def handle_health(self) -> None:
+        """Pass the health thread's verdicts to every worker, and the state's targets to it."""
+        if self.health is None:
+            return
+        if self.state is not self._health_state:
+            self._health_state = self.state
+            self.health.set_state(self.state)
+        verdicts: list[Verdict] = []
+        while True:
+            try:
+                verdicts.append(self.verdicts_in.get_nowait())
+            except queue.Empty:
+                break
+        users = self.health.users
+        if any(t not in users for t in self.backends_down):  # routes gone: forget them
+            self.backends_down = {t: v for t, v in self.backends_down.items() if t in users}
+        if not verdicts:
+            return
+        for verdict in verdicts:
+            routes = ", ".join(f"{h} on {addr}" for addr, h in users.get(verdict.target, ()))
+            if verdict.up:
+                self.backends_down.pop(verdict.target, None)
+                log.info(
+                    "backend %s is up again: %s (routes: %s)",
+                    verdict.target.describe(),
+                    verdict.reason,
+                    routes or "-",
+                )
+            else:
+                self.backends_down[verdict.target] = verdict
+                log.warning(
+                    "backend %s is down: %s (routes: %s)",
+                    verdict.target.describe(),
+                    verdict.reason,
+                    routes or "-",
+                )
+        message = pipe.Health(tuple(verdicts))
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._send(slot.worker, message)
+
     def _open_listener_sockets(
         self, state: ProxyState, added: list[str]
     ) -> dict[str, dict[int, socket.socket]]:
@@ -854,6 +924,8 @@ class Supervisor:
     def stop(self) -> None:
         """Stop accepting, let workers drain up to shutdown_timeout, then kill the rest."""
         self.stopping = True
+        if self.health is not None:
+            self.health.stop()
         for slot in self.slots:
             for sock in slot.sockets.values():
                 sock.close()

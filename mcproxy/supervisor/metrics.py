@@ -194,6 +194,17 @@ class SupervisorCollector:
         for address, listener in sup.state.listeners.items():
             limit.add_metric([address], listener.max_connections)
         yield limit
+        up = GaugeMetricFamily(
+            "mcproxy_backend_up",
+            "1 while the supervisor's health check finds a route's backend up, else 0"
+            " (always 1 for a route without a health check).",
+            labels=["listener", "route", "backend"],
+        )
+        for address, listener in sup.state.listeners.items():
+            for hostname, route in listener.routes.items():
+                for backend in sup.backend_states(route):
+                    up.add_metric([address, hostname, str(backend.address)], int(backend.up))
+        yield up
         yield CounterMetricFamily(
             "mcproxy_worker_restarts",
             "Workers that died and were replaced since the supervisor started.",

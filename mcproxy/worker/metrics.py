@@ -74,6 +74,8 @@ OUTCOMES = frozenset(
         "tls_error",
         "handshake_timeout",
         "rapid_reset",
+        "abuse",
+        "head_timeout",
         "protocol_error",
         "backend_protocol_error",
     }

@@ -14,6 +14,10 @@ Paths:
 ``/status/N``       an empty response with status N.
 ``/ws``             WebSocket: text and binary messages echoed; the text
                     ``close:CODE`` makes the server close with CODE.
+``/page``           an HTML page whose script fetches ``/headers``, talks over a
+                    WebSocket to ``/ws`` and reads 3 events of ``/sse/3`` (call
+                    :meth:`H1Backend.release_event` 3 times), then shows what it got
+                    as JSON in ``#out`` and sets the title to ``done`` (a browser test).
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class H1Backend:
         app.router.add_get("/sse/{n}", self._sse)
         app.router.add_route("*", "/status/{n}", self._status)
         app.router.add_get("/ws", self._ws)
+        app.router.add_get("/page", self._page)
         context = None
         if self._tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -183,6 +188,10 @@ class H1Backend:
         self._note(request)
         return web.Response(status=int(request.match_info["n"]))
 
+    async def _page(self, request: web.Request) -> web.Response:
+        self._note(request)
+        return web.Response(text=PAGE, content_type="text/html")
+
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         self._note(request)
         ws = web.WebSocketResponse(max_msg_size=1 << 24)
@@ -198,3 +207,42 @@ class H1Backend:
                 await ws.send_bytes(message.data)
         self.ws_closed.append(ws.close_code)
         return ws
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>loading</title></head>
+<body><pre id="out"></pre>
+<script>
+const out = {};
+async function run() {
+  try {
+    const reply = await fetch("/headers");
+    const seen = await reply.json();
+    out.fetch = reply.status;
+    out.backend_version = seen.version;
+    await new Promise((resolve) => {
+      const ws = new WebSocket("wss://" + location.host + "/ws");
+      ws.onopen = () => ws.send("ping from the browser");
+      ws.onmessage = (event) => { out.ws = event.data; ws.close(1000, "done"); };
+      ws.onerror = () => { out.ws_error = true; };
+      ws.onclose = (event) => { out.ws_close = event.code; resolve(); };
+    });
+    await new Promise((resolve) => {
+      const events = new EventSource("/sse/3");
+      out.sse = [];
+      events.onmessage = (event) => {
+        out.sse.push(event.data);
+        if (out.sse.length === 3) { events.close(); resolve(); }
+      };
+      events.onerror = () => { out.sse_error = true; events.close(); resolve(); };
+    });
+  } catch (error) {
+    out.error = String(error);
+  }
+  document.getElementById("out").textContent = JSON.stringify(out);
+  document.title = "done";
+}
+run();
+</script>
+</body></html>
+"""

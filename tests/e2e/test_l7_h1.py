@@ -12,12 +12,14 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -473,3 +475,97 @@ def test_shutdown_closes_an_open_websocket(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         backend.close()
+
+
+# --- a real browser ---------------------------------------------------------------------------
+
+
+EXTRA_FLAGS: list[str] = os.environ.get("H1WS_CHROME_FLAGS", "").split()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def _devtools(port: int, url: str, timeout: float) -> str:
+    """Load ``url`` in the browser on DevTools ``port``; return ``#out`` once the title is done."""
+    loop = asyncio.get_running_loop()
+
+    def targets() -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as reply:
+            found: list[dict[str, Any]] = json.load(reply)
+            return found
+
+    pages = [t for t in await loop.run_in_executor(None, targets) if t.get("type") == "page"]
+    assert pages, "no page target"
+    async with websockets.connect(pages[0]["webSocketDebuggerUrl"], max_size=1 << 24) as cdp:
+        ids = iter(range(1, 1 << 30))
+
+        async def call(method: str, **params: Any) -> dict[str, Any]:
+            sent = next(ids)
+            await cdp.send(json.dumps({"id": sent, "method": method, "params": params}))
+            while True:
+                message = json.loads(await cdp.recv())
+                if message.get("id") == sent:
+                    result: dict[str, Any] = message.get("result", {})
+                    return result
+
+        await call("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        expression = "document.title === 'done' ? document.getElementById('out').textContent : ''"
+        while time.monotonic() < deadline:
+            result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+            value = result.get("result", {}).get("value")
+            if value:
+                return str(value)
+            await asyncio.sleep(0.2)
+    raise AssertionError("the page did not finish in time")
+
+
+def test_headless_chromium_fetches_opens_a_websocket_and_reads_sse(
+    app: App, tmp_path: Path
+) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian package chromium, in .ci/run)")
+    for _ in range(3):
+        app.backend.release_event()
+    profile = tmp_path / "profile"
+    with subprocess.Popen(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            *EXTRA_FLAGS,
+            "--ignore-certificate-errors",
+            f"--user-data-dir={profile}",
+            f"--host-resolver-rules=MAP {WEB} 127.0.0.1",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as process:
+        try:
+            active = profile / "DevToolsActivePort"
+            wait_for(active.exists, 30, "chromium's DevTools port")
+            wait_for(lambda: active.read_text().count("\n") >= 1, 10, "the port written")
+            port = int(active.read_text().split()[0])
+            text = asyncio.run(_devtools(port, f"https://{WEB}:{app.port}/page", 60))
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    seen = json.loads(text)
+    assert seen == {
+        "fetch": 200,
+        "backend_version": "1.1",
+        "ws": "ping from the browser",
+        "ws_close": 1000,
+        "sse": ["event 0", "event 1", "event 2"],
+    }, seen

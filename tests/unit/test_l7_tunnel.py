@@ -26,11 +26,20 @@ UPGRADE = (
 )
 
 
+class HalfClosingIO(FakeIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.eof_written = False
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+
 class H1BackendPeer:
     """A real h11 server behind an ``H1Back`` leg; raw bytes after a protocol switch."""
 
     def __init__(self) -> None:
-        self.io = FakeIO()
+        self.io = HalfClosingIO()
         self.leg = H1Back(self.io)
         self.leg.transition(ConnState.READY)
         self.server = h11.Connection(h11.SERVER)
@@ -179,10 +188,18 @@ def test_an_http2_extended_connect_gets_200_and_data_frames_carry_the_tunnel() -
     world.run()
     assert backend.raw == b"\x81\x80abcd"
     assert client.body(sid) == b"\x81\x03hey"
-    client.conn.end_stream(sid)  # the client ends its side: the backend connection closes
+    client.conn.send_data(sid, b"\x88\x80abcd", end_stream=True)  # close frame, END_STREAM
+    world.run()
+    assert backend.io.eof_written and not backend.io.closed  # half-closed: its answer comes
+    assert not client.of(sid, h2.events.StreamEnded)
+    backend.outbox += b"\x88\x02\x03\xe8"
+    world.run()
+    backend.leg.receive_eof()
     world.run()
     assert backend.io.closed
+    assert client.body(sid).endswith(b"\x88\x02\x03\xe8")
     assert client.of(sid, h2.events.StreamEnded)
+    assert not client.of(sid, h2.events.StreamReset)  # a clean end both ways
     assert world.finished and world.finished[0].method == "CONNECT"
 
 

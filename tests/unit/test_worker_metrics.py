@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -243,3 +244,23 @@ def test_method_class() -> None:
         "other",
         "other",
     ]
+
+
+def test_backend_requests_count_by_protocol_and_kind(
+    metrics: WorkerMetrics, registry: CollectorRegistry
+) -> None:
+    records = [
+        replace(request(), backend_protocol="h1"),
+        replace(request(), backend_protocol="h1"),
+        replace(request(method="CONNECT"), backend_protocol="h1", websocket=True),
+        replace(request(), backend_protocol="h2"),
+        request(status=403, blocked_by="require_header"),  # never for a backend
+    ]
+    for record in records:
+        metrics.request_finished(record)
+    metrics.flush()
+    route = {"listener": LISTENER, "route": "web.test"}
+    name = "mcproxy_http_backend_requests_total"
+    assert value(registry, name, protocol="h1", kind="http", **route) == 2
+    assert value(registry, name, protocol="h1", kind="websocket", **route) == 1
+    assert value(registry, name, protocol="h2", kind="http", **route) == 1

@@ -65,6 +65,7 @@ class Channel(asyncio.Protocol):
         self._pause_reading_when_full = pause_reading_when_full
         self._flush_scheduled = False
         self._closing = False
+        self._write_eof = False
         self._leg_paused = False
         self._write_paused = False
         self._reading_paused = False
@@ -90,6 +91,15 @@ class Channel(asyncio.Protocol):
 
     def close(self) -> None:
         self._closing = True
+        self.wake()
+
+    def write_eof(self) -> None:
+        """Half-close a cleartext connection once what is queued is out; reading goes on.
+
+        (A WebSocket tunnel whose client ended its side; TLS connections are left open, the
+        backend closes them after its close frame.)
+        """
+        self._write_eof = True
         self.wake()
 
     def abort(self) -> None:
@@ -208,6 +218,9 @@ class Channel(asyncio.Protocol):
             transport.write(out)
         if self._closing:
             transport.close()
+        elif self._write_eof and self.tls is None and transport.can_write_eof():
+            self._write_eof = False
+            transport.write_eof()
 
     def _update_reading(self) -> None:
         transport = self.transport

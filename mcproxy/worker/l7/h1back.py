@@ -273,11 +273,12 @@ class H1Back(PooledConnection):
         if self.closed:
             return
         if self.tunnel:
-            # The client ended its side of the tunnel: so does the backend connection.
-            exchange = self.exchange
-            self.close()
-            if exchange is not None:
-                exchange.response.receive_end()
+            # The client ended its side of the tunnel (HTTP/2 END_STREAM, or EOF): pass the
+            # half-close on and keep reading, so that the backend's close frame still comes
+            # back; the backend's EOF ends the tunnel (``_end_tunnel``).
+            write_eof = getattr(self.io, "write_eof", None)
+            if write_eof is not None:
+                write_eof()
             return
         if self._upgrading:
             return  # the upgrade GET ended with its head

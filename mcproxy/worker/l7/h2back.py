@@ -22,12 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import GoAway
@@ -38,6 +33,14 @@ from mcproxy.worker.l7.h2leg import (
     H2Leg,
     headers_of,
 )
+from mcproxy.worker.l7.h2lib import (
+    H2Configuration,
+    H2Connection,
+    ProtocolError,
+    SettingCodes,
+    Settings,
+)
+from mcproxy.worker.l7.h2lib import events as ev
 from mcproxy.worker.l7.headers import Headers, end_to_end
 from mcproxy.worker.l7.pool import ConnState, PooledConnection, header_list_size
 

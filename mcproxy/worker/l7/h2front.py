@@ -13,11 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import Budget, FrameWatch, GoAway
@@ -29,6 +25,8 @@ from mcproxy.worker.l7.h2leg import (
     H2Leg,
     headers_of,
 )
+from mcproxy.worker.l7.h2lib import H2Configuration, H2Connection, SettingCodes, Settings
+from mcproxy.worker.l7.h2lib import events as ev
 from mcproxy.worker.l7.headers import request_trailers
 
 if TYPE_CHECKING:

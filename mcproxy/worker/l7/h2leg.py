@@ -20,11 +20,7 @@ import contextlib
 import logging
 from typing import cast
 
-import h2.events as ev
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
 
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
 from mcproxy.worker.l7.frames import (
@@ -35,6 +31,8 @@ from mcproxy.worker.l7.frames import (
     GoAwayFilter,
     encode_goaway,
 )
+from mcproxy.worker.l7.h2lib import H2Connection, ProtocolError, SettingCodes
+from mcproxy.worker.l7.h2lib import events as ev
 from mcproxy.worker.l7.headers import Headers
 
 __all__ = [

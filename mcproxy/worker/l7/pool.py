@@ -46,6 +46,7 @@ import enum
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from mcproxy.model import Address, BackendProtocol
@@ -405,22 +406,29 @@ class BackendPool:
     # --- dialing --------------------------------------------------------------------------------
 
     def _maybe_dial(self) -> None:
-        live = sum(1 for c in self.connections if c.state is ConnState.READY) + len(self.dials)
-        if live >= self.max_connections:
-            return
-        if self.queued <= len(self.dials) * self._stream_hint:
-            return  # the dials under way will do
-        now = self.clock.now()
-        if now < self._backoff_until:
-            if self._backoff_timer is None:
-                self._backoff_timer = self.clock.call_later(
-                    self._backoff_until - now, self._backoff_over
-                )
-            return
-        dial = Dial(self, now)
-        self.dials.append(dial)
-        dial.timer = self.clock.call_later(self.connect_timeout, lambda: self._dial_timed_out(dial))
-        self._dial(dial)
+        """Dial as many connections as the queue needs, within the bound (HTTP/1.1: one per
+        waiting request, since each carries one; HTTP/2: one per ``_stream_hint`` waiting)."""
+        while True:
+            ready = sum(1 for c in self.connections if c.state is ConnState.READY)
+            if ready + len(self.dials) >= self.max_connections:
+                return
+            if self.queued <= len(self.dials) * self._stream_hint:
+                return  # the dials under way will do
+            now = self.clock.now()
+            if now < self._backoff_until:
+                if self._backoff_timer is None:
+                    self._backoff_timer = self.clock.call_later(
+                        self._backoff_until - now, self._backoff_over
+                    )
+                return
+            dial = Dial(self, now)
+            self.dials.append(dial)
+            dial.timer = self.clock.call_later(
+                self.connect_timeout, partial(self._dial_timed_out, dial)
+            )
+            self._dial(dial)
+            if dial not in self.dials:  # failed at once
+                return
 
     def _backoff_over(self) -> None:
         self._backoff_timer = None
