@@ -36,7 +36,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mcproxy import model, settings
+from mcproxy import health, model, settings
+from mcproxy.health import Verdict
 from mcproxy.model import Change, ProxyState
 from mcproxy.settings import ProxyTimeouts
 
@@ -50,6 +51,7 @@ __all__ = [
     "Delta",
     "FrameDecoder",
     "FrameError",
+    "Health",
     "Heartbeat",
     "Message",
     "Outbox",
@@ -90,6 +92,9 @@ class Boot:
     shm_fd: int | None = None
     """Inherited fd of the shared limits file (:mod:`mcproxy.limits`)."""
     metrics_dir: str | None = None
+    cell: int | None = None
+    """Its column in the shared connection counters (0-based); None: ``slot - 1``. It
+    differs from the slot's after an upgrade, while the old workers hold theirs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,16 @@ class Delta:
     in this order, as SCM_RIGHTS descriptors."""
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Backend verdicts of the supervisor's health checks. Not a change: no generation,
+    no acknowledgement, never stored; ``full`` replaces every earlier verdict (sent
+    after a new worker's snapshot)."""
+
+    verdicts: tuple[Verdict, ...]
+    full: bool = False
+
+
 # --- worker -> supervisor ----------------------------------------------------
 
 
@@ -140,7 +155,7 @@ class Heartbeat:
     """Open connections by listener address (for ``GetStatus``)."""
 
 
-Message = Boot | Snapshot | Delta | Ack | Heartbeat
+Message = Boot | Snapshot | Delta | Health | Ack | Heartbeat
 
 
 def _value_types(*modules: object) -> dict[tuple[str, str], type]:
@@ -209,7 +224,7 @@ def _decode(payload: bytes) -> Message:
         raise
     except Exception as exc:
         raise FrameError(f"undecodable frame: {exc}") from exc
-    if not isinstance(message, Boot | Snapshot | Delta | Ack | Heartbeat):
+    if not isinstance(message, Boot | Snapshot | Delta | Health | Ack | Heartbeat):
         raise FrameError(f"frame holds {type(message).__name__}, not a message")
     return message
 
@@ -339,7 +354,7 @@ def recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 
 ALLOWED.update(
     {
-        **_value_types(model, settings, sys.modules[__name__]),
+        **_value_types(model, settings, health, sys.modules[__name__]),
         ("mcproxy.model", "RouteTable"): model.RouteTable,
         **{("builtins", t.__name__): t for t in (frozenset, set, dict, tuple, list)},
     }

@@ -48,6 +48,7 @@ from mcproxy.worker.session import (
     NEVER,
     PROXY_HEADER_TIMEOUT,
     Action,
+    AwaitAnswer,
     Dial,
     End,
     Gate,
@@ -179,6 +180,9 @@ class Connection:
                 self._dial(action)
             elif isinstance(action, Shutdown):
                 self._shutdown(action)
+            elif isinstance(action, AwaitAnswer):
+                assert self._backend is not None
+                self._poller.watch(self._backend.fileno(), READ, self._on_backend_answer)
             elif isinstance(action, HandOff):
                 self._hand_off(action)
                 return
@@ -300,6 +304,23 @@ class Connection:
             return False  # the rest when the backend can take it
         self._act(self.session.sent(now))
         return True
+
+    @_guarded
+    def _on_backend_answer(self, events: int) -> None:
+        """The backend's first byte (peeked, left for the relay), or its reset or EOF."""
+        backend = self._backend
+        assert backend is not None
+        try:
+            answered = backend.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._dial_failed("backend_reset", str(exc))
+            return
+        if not answered:
+            self._dial_failed("backend_reset", "closed before answering")
+            return
+        self._act(self.session.answered(self._loop.time()))
 
     def _dial_failed(self, outcome: str, detail: str) -> None:
         backend = self._backend

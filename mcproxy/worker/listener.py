@@ -19,12 +19,14 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from mcproxy.health import route_targets
 from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
 from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.accesslog import AccessLog
+from mcproxy.worker.balance import Balancer
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint, L7Handler
 from mcproxy.worker.deadlines import Deadlines
@@ -101,11 +103,20 @@ class ConnectionServer:
         """The L4 connections' deadlines, on one loop timer."""
         self._listening: dict[str, socket.socket] = {}
         self._local: dict[str, tuple[str, int]] = {}
+        self.balancer = Balancer(loop.time, route_targets)  # type: ignore[arg-type]
+        """Which backend each connection or request goes to (ARCHITECTURE.md, Backends)."""
 
     def update_state(self, state: ProxyState) -> None:
         if state.firewall != self.state.firewall:
             self.firewall = Firewall(state.firewall, self.country_of)
+        changed = state.listeners is not self.state.listeners
         self.state = state
+        if changed:
+            self.balancer.forget_routes(self._current_route)
+
+    def _current_route(self, listener: str, hostname: str) -> Route | None:
+        found = self.state.listeners.get(listener)
+        return None if found is None else found.routes.get(hostname)
 
     # --- accepting -------------------------------------------------------------
 
@@ -194,10 +205,19 @@ class ConnectionServer:
     def release(self, listener: Listener) -> None:
         self.admission.release(listener)
 
-    @staticmethod
-    def next_backend(route: Route, tried: Sequence[Address]) -> Address | None:
-        """The route's backend, once: a failed dial ends the connection."""
-        return None if tried else route.backend
+    def next_backend(self, record: ConnectionRecord, route: Route) -> Address | None:
+        return self.balancer.choose(
+            record.listener, route, record.client_ip, record.failed_backends
+        )
+
+    def backend_failed(self, record: ConnectionRecord, route: Route, backend: Address) -> None:
+        self.balancer.dial_failed(record.listener, route, backend)
+
+    def backend_connected(self, route: Route, backend: Address) -> bool:
+        return self.balancer.connected(route, backend)
+
+    def backend_released(self, backend: Address) -> None:
+        self.balancer.released(backend)
 
     @staticmethod
     def endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:

@@ -4,30 +4,37 @@ Strategy (h11's): the glue (:mod:`mcproxy.worker.connection`) does the I/O
 and reports what happened (bytes read from the client, a dial's result, an
 end of stream the relay passed on, the clock); the :class:`Session` answers
 with at most one action, a small immutable value that says what to do next
-(:class:`Dial`, :class:`Relay`, :class:`Shutdown`, :class:`HandOff`,
-:class:`End`). It imports no socket and no event loop: time comes in as
-``now``, and what depends on the worker's shared state (firewall, limits,
-route lookup, which backend to dial) comes from a :class:`Gate`.
+(:class:`Dial`, :class:`AwaitAnswer`, :class:`Relay`, :class:`Shutdown`,
+:class:`HandOff`, :class:`End`). It imports no socket and no event loop:
+time comes in as ``now``, and what depends on the worker's shared state
+(firewall, limits, route lookup, which backend to dial and how it fared)
+comes from a :class:`Gate`.
 
 States and the one deadline of each (``Session.deadline``)::
 
     PROXY_HEADER  accept + min(PROXY_HEADER_TIMEOUT, handshake_timeout)   (proxy_protocol listeners)
     CLIENT_HELLO  accept + handshake_timeout
-    DIALING       start of this dial + connect_timeout (each backend tried gets its own)
+    DIALING       start of this dial + connect_timeout (each backend tried gets its own;
+                  it covers the wait for the backend's first byte on a multi-backend route)
     RELAYING      last byte relayed + idle_timeout
     L7            none here: the L7 handler keeps its own
     CLOSED        none
 
+Failover: a dial that fails (refused, timed out, or on a route with several
+backends, reset or closed before the backend's first byte) is reported to the
+gate and the next backend it names is dialled with the same first bytes;
+nothing has reached the client yet, so this is safe (ARCHITECTURE.md,
+"Backends and health").
+
 Every path ends in exactly one :class:`End`: its ``outcome`` is written to
-the :class:`~mcproxy.worker.records.ConnectionRecord`, the limits taken at
-admission are released, and the glue closes both sockets (with a RST when
-``reset``; invariant 6 for refusals).
+the :class:`~mcproxy.worker.records.ConnectionRecord`, what admission and
+the balancer counted is released, and the glue closes both sockets (with a
+RST when ``reset``; invariant 6 for refusals).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -41,9 +48,11 @@ from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, 
 from mcproxy.worker.records import ConnectionRecord
 
 __all__ = [
+    "AWAIT_ANSWER",
     "PROXY_HEADER_TIMEOUT",
     "RELAY",
     "Action",
+    "AwaitAnswer",
     "Dial",
     "End",
     "Gate",
@@ -87,6 +96,15 @@ class Dial:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitAnswer:
+    """Wait for the backend's first byte (peek; report :meth:`Session.answered`, or
+    :meth:`Session.dial_failed` when it resets or closes first)."""
+
+
+AWAIT_ANSWER = AwaitAnswer()
+
+
+@dataclass(frozen=True, slots=True)
 class Relay:
     """Copy bytes both ways; report :meth:`Session.eof` and :meth:`Session.relay_failed`."""
 
@@ -117,7 +135,7 @@ class End:
     reset: bool
 
 
-Action = Dial | Relay | Shutdown | HandOff | End
+Action = Dial | AwaitAnswer | Relay | Shutdown | HandOff | End
 
 
 class Gate(Protocol):
@@ -135,8 +153,21 @@ class Gate(Protocol):
         """The route for this ClientHello; raises :class:`Refused` when there is none."""
         ...
 
-    def next_backend(self, route: Route, tried: Sequence[Address]) -> Address | None:
-        """The backend to dial after ``tried`` (those that failed, in order); None: give up."""
+    def next_backend(self, record: ConnectionRecord, route: Route) -> Address | None:
+        """The backend to dial, none of ``record.failed_backends``; None: none is left."""
+        ...
+
+    def backend_failed(self, record: ConnectionRecord, route: Route, backend: Address) -> None:
+        """A dial to ``backend`` failed or timed out (passive health)."""
+        ...
+
+    def backend_connected(self, route: Route, backend: Address) -> bool:
+        """The connection to ``backend`` is up; True when it is counted (``least_conn``):
+        :meth:`backend_released` follows at the end."""
+        ...
+
+    def backend_released(self, backend: Address) -> None:
+        """A connection counted by :meth:`backend_connected` ended."""
         ...
 
 
@@ -156,6 +187,7 @@ class Session:
         "_admitted",
         "_backend_eof",
         "_client_eof",
+        "_counted",
         "_dial_started",
         "_gate",
         "_handshake_deadline",
@@ -163,7 +195,6 @@ class Session:
         "_hello",
         "_payload",
         "_timeouts",
-        "_tried",
         "deadline",
         "listener",
         "record",
@@ -190,7 +221,7 @@ class Session:
         self._hello = ClientHelloParser()
         self._handshake_deadline = NEVER
         self._payload = b""
-        self._tried: tuple[Address, ...] = ()
+        self._counted = False
         self._dial_started = 0.0
         self._client_eof = False
         self._backend_eof = False
@@ -290,16 +321,22 @@ class Session:
         if route.send_proxy_protocol:
             data = encode_v2(record.client, record.local) + data
         self._payload = data
-        return self._dial_next(now, "backend_unreachable", "no backend to dial")
+        return self._dial_next(now, "", "")
 
     # --- L4: dial (failing over), then relay ----------------------------------------------
 
     def _dial_next(self, now: float, outcome: str, detail: str) -> Dial | End | None:
-        assert self.record.route is not None
-        backend = self._gate.next_backend(self.record.route, self._tried)
+        """Dial the gate's next backend; none left ends with ``outcome`` (no backend at
+        all, before any failure, is a refusal)."""
+        record = self.record
+        assert record.route is not None
+        backend = self._gate.next_backend(record, record.route)
         if backend is None:
+            if not outcome:
+                return self.refuse(Reason.NO_ROUTE, "route has no backend")
             return self._end(outcome, detail, reset=True)
-        self._tried += (backend,)
+        record.backend = backend
+        record.dial_seconds = None
         self.state = State.DIALING
         self._dial_started = now
         self.deadline = now + self._timeouts.connect_timeout
@@ -311,10 +348,26 @@ class Session:
             raise RuntimeError(f"connected in state {self.state.name}")
         self.record.dial_seconds = now - self._dial_started
 
-    def sent(self, now: float) -> Relay:
-        """All of :class:`Dial`'s ``data`` went out: relay from here on."""
+    def sent(self, now: float) -> Relay | AwaitAnswer:
+        """All of :class:`Dial`'s ``data`` went out: relay from here on, or first wait
+        for the backend to answer when another backend could still take over."""
         if self.state is not State.DIALING:
             raise RuntimeError(f"sent in state {self.state.name}")
+        route = self.record.route
+        if route is not None and len(route.backends) > 1:
+            return AWAIT_ANSWER  # a crash or a full accept queue is still a failed dial
+        return self._relaying(now)
+
+    def answered(self, now: float) -> Relay:
+        """The backend sent its first byte (after :class:`AwaitAnswer`)."""
+        if self.state is not State.DIALING:
+            raise RuntimeError(f"answered in state {self.state.name}")
+        return self._relaying(now)
+
+    def _relaying(self, now: float) -> Relay:
+        record = self.record
+        assert record.route is not None and record.backend is not None
+        self._counted = self._gate.backend_connected(record.route, record.backend)
         self.state = State.RELAYING
         self.deadline = now + self._timeouts.idle_timeout
         return RELAY
@@ -324,6 +377,10 @@ class Session:
         or the end with this outcome when the gate has none left."""
         if self.state is not State.DIALING:
             raise RuntimeError(f"dial failed in state {self.state.name}")
+        record = self.record
+        assert record.route is not None and record.backend is not None
+        self._gate.backend_failed(record, record.route, record.backend)
+        record.failed_backends += (record.backend,)
         return self._dial_next(now, outcome, detail)
 
     def eof(self, side: Side) -> Shutdown | End | None:
@@ -393,6 +450,10 @@ class Session:
         self.deadline = NEVER
         self.record.outcome = outcome
         self.record.detail = detail
+        if self._counted:
+            self._counted = False
+            assert self.record.backend is not None
+            self._gate.backend_released(self.record.backend)
         if self._admitted:
             self._admitted = False
             assert self.listener is not None

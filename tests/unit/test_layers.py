@@ -13,6 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 
 MODEL_LAYER = {
+    "mcproxy.health",
     "mcproxy.model",
     "mcproxy.settings",
     "mcproxy.status",

@@ -17,6 +17,7 @@ from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder
 from mcproxy.worker.records import ConnectionRecord
 from mcproxy.worker.session import (
+    AWAIT_ANSWER,
     NEVER,
     PROXY_HEADER_TIMEOUT,
     RELAY,
@@ -54,9 +55,13 @@ class FakeGate:
 
     refuse: Reason | None = None
     backends: Sequence[Address] = (B1,)
+    counts: bool = False
     admitted: list[str] = field(default_factory=list)
     released: int = 0
     tried: list[tuple[Address, ...]] = field(default_factory=list)
+    failed: list[Address] = field(default_factory=list)
+    connected: list[Address] = field(default_factory=list)
+    backends_released: list[Address] = field(default_factory=list)
 
     def admit(self, listener: Listener, ip: str) -> Reason | None:
         self.admitted.append(ip)
@@ -71,14 +76,27 @@ class FakeGate:
             raise Refused(Reason.NO_ROUTE, f"unknown SNI {hello.sni!r}")
         return route
 
-    def next_backend(self, route: Route, tried: Sequence[Address]) -> Address | None:
-        self.tried.append(tuple(tried))
+    def next_backend(self, record: ConnectionRecord, route: Route) -> Address | None:
+        tried = record.failed_backends
+        self.tried.append(tried)
         left = [b for b in self.backends if b not in tried]
         return left[0] if left else None
 
+    def backend_failed(self, record: ConnectionRecord, route: Route, backend: Address) -> None:
+        self.failed.append(backend)
 
-def listener(*, proxy_protocol: bool = False, **route: object) -> Listener:
-    routes = {"a.test": Route("a.test", B1, **route)}  # type: ignore[arg-type]
+    def backend_connected(self, route: Route, backend: Address) -> bool:
+        self.connected.append(backend)
+        return self.counts
+
+    def backend_released(self, backend: Address) -> None:
+        self.backends_released.append(backend)
+
+
+def listener(
+    *, proxy_protocol: bool = False, backends: tuple[Address, ...] = (B1,), **route: object
+) -> Listener:
+    routes = {"a.test": Route("a.test", backends, **route)}  # type: ignore[arg-type]
     return Listener(Address("", 443), proxy_protocol=proxy_protocol, routes=RouteTable(routes))
 
 
@@ -239,11 +257,14 @@ def test_failed_dial_moves_on_to_the_next_backend() -> None:
     gate = FakeGate(backends=(B1, B2))
     s, _ = session(gate)
     assert s.receive(HELLO, 100.0) == Dial(B1, HELLO)
+    assert s.record.backend == B1
     assert s.dial_failed(100.1, "backend_unreachable", "refused") == Dial(B2, HELLO)
     assert s.deadline == 105.1  # its own connect deadline
-    assert gate.tried == [(), (B1,)]
+    assert gate.tried == [(), (B1,)] and gate.failed == [B1]
+    assert s.record.backend == B2 and s.record.failed_backends == (B1,)
     s.connected(100.2)
     assert s.sent(100.2) is RELAY
+    assert gate.connected == [B2]
 
 
 def test_timeouts_fail_over_too_and_the_last_failure_is_the_outcome() -> None:
@@ -257,9 +278,41 @@ def test_timeouts_fail_over_too_and_the_last_failure_is_the_outcome() -> None:
     assert gate.tried == [(), (B1,), (B1, B2)]
 
 
-def test_route_without_a_backend_ends_unreachable() -> None:
+def test_route_without_a_backend_up_is_refused() -> None:
     s, _ = session(FakeGate(backends=()))
-    assert s.receive(HELLO, 100.0) == End("backend_unreachable", reset=True)
+    assert s.receive(HELLO, 100.0) == End("refused:no_route", reset=True)
+    assert s.record.detail == "route has no backend"
+
+
+def test_multi_backend_route_waits_for_the_backend_to_answer() -> None:
+    gate = FakeGate(backends=(B1, B2))
+    s, _ = session(gate, lst=listener(backends=(B1, B2)))
+    s.receive(HELLO, 100.0)
+    s.connected(100.1)
+    assert s.sent(100.1) is AWAIT_ANSWER
+    assert s.state is State.DIALING and s.deadline == 105.0  # still the connect deadline
+    # It closed before answering (a crash): the next backend, with the same bytes.
+    assert s.dial_failed(100.2, "backend_reset", "closed before answering") == Dial(B2, HELLO)
+    s.connected(100.3)
+    assert s.sent(100.3) is AWAIT_ANSWER
+    assert s.answered(100.4) is RELAY
+    assert gate.connected == [B2] and gate.failed == [B1]
+
+
+def test_a_counted_backend_connection_is_released_once() -> None:
+    gate = FakeGate(counts=True)
+    s, _ = relaying(gate)
+    assert gate.connected == [B1]
+    s.relay_failed()
+    s.abort()
+    assert gate.backends_released == [B1]
+
+
+def test_an_uncounted_one_is_not_released() -> None:
+    s, gate = relaying()
+    s.eof(Side.CLIENT)
+    s.eof(Side.BACKEND)
+    assert gate.backends_released == []
 
 
 # --- relaying -----------------------------------------------------------------------------
@@ -322,6 +375,7 @@ EVENTS = st.lists(
             "timeout",
             "connected",
             "sent",
+            "answered",
             "dial_failed",
             "eof_client",
             "eof_backend",
@@ -350,6 +404,8 @@ def _event(s: Session, event: str, now: float) -> object:
         case "connected":
             s.connected(now)
             return None
+        case "answered":
+            return s.answered(now)
         case "sent":
             return s.sent(now)
         case "dial_failed":
@@ -365,10 +421,13 @@ def _event(s: Session, event: str, now: float) -> object:
 
 
 @settings(max_examples=300, deadline=None)
-@given(EVENTS, st.booleans())
-def test_any_sequence_of_events_ends_at_most_once(events: list[str], proxy: bool) -> None:
-    gate = FakeGate(backends=(B1, B2))
-    s, _ = session(gate, lst=listener(proxy_protocol=proxy), now=0.0)
+@given(EVENTS, st.booleans(), st.booleans())
+def test_any_sequence_of_events_ends_at_most_once(
+    events: list[str], proxy: bool, multi: bool
+) -> None:
+    gate = FakeGate(backends=(B1, B2), counts=True)
+    backends = (B1, B2) if multi else (B1,)
+    s, _ = session(gate, lst=listener(proxy_protocol=proxy, backends=backends), now=0.0)
     ends: list[End] = []
     for i, event in enumerate(events):
         state = s.state
@@ -384,3 +443,5 @@ def test_any_sequence_of_events_ends_at_most_once(events: list[str], proxy: bool
     if s.state is State.CLOSED:
         assert len(ends) == 1 and s.record.outcome == ends[0].outcome
     assert gate.released == (1 if gate.admitted and s.state is State.CLOSED else 0)
+    closed_connected = gate.connected if s.state is State.CLOSED else []
+    assert gate.backends_released == closed_connected  # each counted one, once
