@@ -46,9 +46,9 @@ import logging
 import os
 
 import h11
-from h2.errors import ErrorCodes
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
+from mcproxy.worker.l7.h2lib import ErrorCodes
 from mcproxy.worker.l7.headers import Headers, end_to_end
 from mcproxy.worker.l7.pool import BackendPool, ConnState, PooledConnection
 
