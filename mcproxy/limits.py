@@ -22,6 +22,13 @@ times N (invariant 4). The supervisor creates one anonymous shared file
   fewest connections (then the oldest window) is evicted, so the table's
   memory is fixed whatever the number of clients, and an address spraying
   single connections cannot push a heavy hitter out.
+* **Backend counters** for ``balance: least_conn``: a fixed table of
+  :data:`BACKEND_ROWS` rows, each a key word (a 63-bit hash of the backend's
+  address, top bit set; 0 = free) and one cell per worker slot. A worker
+  claims a backend's row the first time it needs it (open addressing, under
+  one lock; rows are never freed, a full table means "count locally"), then
+  changes only its own cell, exactly like the connection counters, and the
+  supervisor zeroes a dead slot's cells with the rest.
 
 Everything except :class:`FcntlLock` and the ``create``/``attach`` functions at
 the bottom is sans-I/O: the tables work on any writable buffer with any lock,
@@ -36,6 +43,7 @@ every process of a host.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 import secrets
@@ -45,6 +53,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "BACKEND_ROWS",
     "BUCKETS",
     "WAYS",
     "FcntlLock",
@@ -60,7 +69,7 @@ __all__ = [
 ]
 
 MAGIC = 0x4D43_5052_4F58_5931  # "MCPROXY1"
-VERSION = 1
+VERSION = 2
 WORD = 8
 NAME_WORDS = 8
 """A listener address in the directory: up to 64 bytes of UTF-8, NUL-padded."""
@@ -71,6 +80,9 @@ WAYS = 8
 ENTRY_WORDS = 4
 """key, family (0 = empty), window start (monotonic ns), count."""
 _MASK64 = (1 << 64) - 1
+BACKEND_ROWS = 1024
+"""Backends that ``least_conn`` routes can count across workers (about 8 KiB per slot)."""
+_BACKEND_PROBES = 32
 
 
 class LayoutError(Exception):
@@ -102,9 +114,10 @@ class Layout:
     slots: int
     listeners: int
     buckets: int = BUCKETS
+    backends: int = BACKEND_ROWS
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.listeners < 0 or self.buckets < 1:
+        if self.slots < 1 or self.listeners < 0 or self.buckets < 1 or self.backends < 1:
             raise LayoutError(f"bad layout {self}")
         if self.buckets & (self.buckets - 1):
             raise LayoutError("the bucket count must be a power of two")
@@ -122,8 +135,12 @@ class Layout:
         return self.counters + self.listeners * self.slots
 
     @property
-    def words(self) -> int:
+    def backend_table(self) -> int:
         return self.rate_table + self.buckets * WAYS * ENTRY_WORDS
+
+    @property
+    def words(self) -> int:
+        return self.backend_table + self.backends * (1 + self.slots)
 
     @property
     def size(self) -> int:
@@ -152,7 +169,9 @@ class SharedLimits:
         words = memoryview(buffer).cast("B").cast("Q")
         if len(words) < HEADER_WORDS or words[0] != MAGIC or words[1] != VERSION:
             raise LayoutError("not a mc-proxy limits table of this version")
-        self.layout = Layout(slots=words[2], listeners=words[3], buckets=words[4])
+        self.layout = Layout(
+            slots=words[2], listeners=words[3], buckets=words[4], backends=words[7]
+        )
         if len(words) < self.layout.words:
             raise LayoutError(f"buffer of {len(words) * WORD} bytes, need {self.layout.size}")
         self._words = words
@@ -180,12 +199,13 @@ class SharedLimits:
         # Random odd multipliers: a client cannot aim many keys at one bucket.
         hash_a = int.from_bytes(seed[:8], "big") | 1
         hash_b = int.from_bytes(seed[8:16], "big") | 1
-        words[2], words[3], words[4], words[5], words[6] = (
+        words[2], words[3], words[4], words[5], words[6], words[7] = (
             layout.slots,
             layout.listeners,
             layout.buckets,
             hash_a,
             hash_b,
+            layout.backends,
         )
         raw = words.cast("B")
         for index, name in enumerate(listeners):
@@ -289,6 +309,8 @@ class SharedLimits:
             cell = self._row(listener) + slot
             freed += self._words[cell]
             self._words[cell] = 0
+        for row in range(self.layout.backends):
+            self._words[self._backend_row(row) + 1 + slot] = 0
         return freed
 
     # --- rate table --------------------------------------------------------------------
@@ -351,6 +373,62 @@ class SharedLimits:
             if self._words[entry + 1] != 0
         )
 
+    # --- backend counters (least_conn) ---------------------------------------------------
+
+    def _backend_row(self, row: int) -> int:
+        return self.layout.backend_table + row * (1 + self.layout.slots)
+
+    @staticmethod
+    def backend_key(name: str) -> int:
+        """The key word of a backend (its ``str(Address)``): never 0, which means free."""
+        digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") | (1 << 63)
+
+    def backend_row(self, name: str, claim: bool = True) -> int | None:
+        """The row of backend ``name``; claims a free one when ``claim``. None: not there
+        (or the table is full, when the caller should count on its own)."""
+        key = self.backend_key(name)
+        rows = self.layout.backends
+        words = self._words
+        start = key % rows
+        for probe in range(min(rows, _BACKEND_PROBES)):  # lock-free look-up first
+            row = (start + probe) % rows
+            found = words[self._backend_row(row)]
+            if found == key:
+                return row
+            if found == 0:
+                break
+        if not claim:
+            return None
+        offset = self.layout.backend_table * WORD
+        self._lock.acquire(offset)
+        try:
+            for probe in range(min(rows, _BACKEND_PROBES)):
+                row = (start + probe) % rows
+                at = self._backend_row(row)
+                if words[at] == key:
+                    return row
+                if words[at] == 0:
+                    words[at] = key  # cells are zero: rows are never freed
+                    return row
+            return None
+        finally:
+            self._lock.release(offset)
+
+    def backend_acquire(self, row: int, slot: int) -> None:
+        """One more connection (or L7 stream) to the backend in ``row`` from ``slot``."""
+        self._words[self._backend_row(row) + 1 + slot] += 1
+
+    def backend_release(self, row: int, slot: int) -> None:
+        cell = self._backend_row(row) + 1 + slot
+        if self._words[cell]:
+            self._words[cell] -= 1
+
+    def backend_connections(self, row: int) -> int:
+        """Open connections to the backend in ``row`` across every slot (no lock)."""
+        at = self._backend_row(row) + 1
+        return sum(self._words[at : at + self.layout.slots])
+
     def release_views(self) -> None:
         """Drop the buffer views so that the mmap under them can be closed."""
         self._words.release()
@@ -395,17 +473,24 @@ class SharedMemory:
 
 
 def create(
-    listeners: Sequence[str], slots: int, buckets: int = BUCKETS, rows: int = 0
+    listeners: Sequence[str],
+    slots: int,
+    buckets: int = BUCKETS,
+    rows: int = 0,
+    backends: int = BACKEND_ROWS,
 ) -> SharedMemory:
     """The supervisor's side: a new anonymous shared file formatted for ``listeners``,
     with ``rows`` listener rows in all (at least one per listener; the spare ones are
-    for listeners added at runtime, :meth:`SharedLimits.add_listener`).
+    for listeners added at runtime, :meth:`SharedLimits.add_listener`), and ``backends``
+    rows of backend counters.
 
     The file has no name (``memfd_create``), so nothing is left behind however
     the process group ends; workers get the descriptor by inheritance. It is
     close-on-exec here; pass it explicitly to each worker (``pass_fds``).
     """
-    layout = Layout(slots=slots, listeners=max(rows, len(listeners)), buckets=buckets)
+    layout = Layout(
+        slots=slots, listeners=max(rows, len(listeners)), buckets=buckets, backends=backends
+    )
     fd = os.memfd_create("mc-proxy-limits", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, layout.size)

@@ -36,8 +36,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mcproxy import config, model
+from mcproxy import config, health, model
 from mcproxy.config import ProxyTimeouts
+from mcproxy.health import Verdict
 from mcproxy.model import Change, ProxyState
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Delta",
     "FrameDecoder",
     "FrameError",
+    "Health",
     "Heartbeat",
     "Message",
     "Outbox",
@@ -85,6 +87,9 @@ class Boot:
     shm_fd: int | None = None
     """Inherited fd of the shared limits file (:mod:`mcproxy.limits`)."""
     metrics_dir: str | None = None
+    cell: int | None = None
+    """Its column in the shared connection counters (0-based); None: ``slot - 1``. It
+    differs from the slot's after an upgrade, while the old workers hold theirs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,16 @@ class Delta:
     in this order, as SCM_RIGHTS descriptors."""
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Backend verdicts of the supervisor's health checks. Not a change: no generation,
+    no acknowledgement, never stored; ``full`` replaces every earlier verdict (sent
+    after a new worker's snapshot)."""
+
+    verdicts: tuple[Verdict, ...]
+    full: bool = False
+
+
 # --- worker -> supervisor ----------------------------------------------------
 
 
@@ -135,7 +150,7 @@ class Heartbeat:
     """Open connections by listener address (for ``GetStatus``)."""
 
 
-Message = Boot | Snapshot | Delta | Ack | Heartbeat
+Message = Boot | Snapshot | Delta | Health | Ack | Heartbeat
 
 
 def _value_types(*modules: object) -> dict[tuple[str, str], type]:
@@ -204,7 +219,7 @@ def _decode(payload: bytes) -> Message:
         raise
     except Exception as exc:
         raise FrameError(f"undecodable frame: {exc}") from exc
-    if not isinstance(message, Boot | Snapshot | Delta | Ack | Heartbeat):
+    if not isinstance(message, Boot | Snapshot | Delta | Health | Ack | Heartbeat):
         raise FrameError(f"frame holds {type(message).__name__}, not a message")
     return message
 
@@ -334,7 +349,7 @@ def recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 
 ALLOWED.update(
     {
-        **_value_types(model, config, sys.modules[__name__]),
+        **_value_types(model, config, health, sys.modules[__name__]),
         ("mcproxy.model", "RouteTable"): model.RouteTable,
         **{("builtins", t.__name__): t for t in (frozenset, set, dict, tuple, list)},
     }

@@ -26,7 +26,8 @@ from mcproxy.admin import convert, stateapi
 from mcproxy.admin.convert import InvalidArgument
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
-from mcproxy.model import Change, ProxyState, StateError
+from mcproxy.health import BackendState
+from mcproxy.model import Change, ProxyState, Route, StateError
 from mcproxy.supervisor.manager import ACK_TIMEOUT, Stopping, WorkerNotAcknowledged
 from mcproxy.supervisor.status import Status
 
@@ -54,6 +55,8 @@ class AdminBackend(Protocol):
     def submit(self, change: Change) -> concurrent.futures.Future[int]: ...
 
     def status(self) -> Status: ...
+
+    def backend_states(self, route: Route) -> list[BackendState]: ...
 
 
 class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
@@ -118,7 +121,14 @@ class AdminServicer(admin_pb2_grpc.ProxyAdminServiceServicer):
             addrs = sorted(state.listeners)
         return pb.ListRoutesResponse(
             routes=[
-                pb.ListedRoute(listener=addr, route=convert.route_to_message(route))
+                pb.ListedRoute(
+                    listener=addr,
+                    route=convert.route_to_message(route),
+                    backend_states=[
+                        pb.BackendStatus(address=str(b.address), up=b.up, reason=b.reason)
+                        for b in self.backend.backend_states(route)
+                    ],
+                )
                 for addr in addrs
                 for _, route in sorted(state.listeners[addr].routes.items())
             ]

@@ -194,6 +194,17 @@ class SupervisorCollector:
         for address, listener in sup.state.listeners.items():
             limit.add_metric([address], listener.max_connections)
         yield limit
+        up = GaugeMetricFamily(
+            "mcproxy_backend_up",
+            "1 while the supervisor's health check finds a route's backend up, else 0"
+            " (always 1 for a route without a health check).",
+            labels=["listener", "route", "backend"],
+        )
+        for address, listener in sup.state.listeners.items():
+            for hostname, route in listener.routes.items():
+                for backend in sup.backend_states(route):
+                    up.add_metric([address, hostname, str(backend.address)], int(backend.up))
+        yield up
         yield CounterMetricFamily(
             "mcproxy_worker_restarts",
             "Workers that died and were replaced since the supervisor started.",
@@ -284,7 +295,9 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | None:
+def start_metrics(
+    config: Config, supervisor: Supervisor, wipe: bool = True
+) -> MetricsEndpoint | None:
     """Wire metrics into the supervisor before any worker starts, or do nothing if the
     config has no ``metrics:``. Raises ListenError when the address cannot be bound and
     MetricsError when the directory cannot be prepared."""
@@ -292,7 +305,8 @@ def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | N
         return None
     directory = MetricsDirectory(directory_for(config))
     try:
-        directory.wipe()
+        if wipe:  # not after an upgrade: the old workers' files are live
+            directory.wipe()
     except OSError as exc:
         raise MetricsError(f"cannot prepare the metrics directory {directory.path}: {exc}") from exc
     registry = CollectorRegistry()

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
-from mcproxy.model import Listener, Mode, Route
+from mcproxy.model import Address, Listener, Mode, Route
 from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
 from mcproxy.worker.errors import Reason, Refused
 from mcproxy.worker.poller import READ, WRITE
@@ -95,6 +95,7 @@ class Connection:
     __slots__ = (
         "_admitted",
         "_backend",
+        "_counted",
         "_deadline",
         "_dial_started",
         "_first",
@@ -105,6 +106,7 @@ class Connection:
         "_loop",
         "_poller",
         "_relay",
+        "_replay",
         "_step",
         "_timer",
         "record",
@@ -129,6 +131,8 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._backend: socket.socket | None = None
         self._first = b""
+        self._replay = b""
+        self._counted = False
         self._dial_started = 0.0
         self._relay: Relay | None = None
         self._l7_task: asyncio.Task[None] | None = None
@@ -235,25 +239,43 @@ class Connection:
 
     def _dial(self, route: Route, consumed: bytes) -> None:
         self._step = _Step.DIALING
-        assert self._timer is not None
-        self._timer.cancel()
+        self._first = consumed
+        if route.send_proxy_protocol:
+            self._first = encode_v2(self.record.client, self.record.local) + consumed
+        self._replay = self._first
+        if not self._dial_next(route):
+            raise Refused(Reason.NO_ROUTE, "route has no backend")
+
+    def _dial_next(self, route: Route) -> bool:
+        """Dial the balancer's choice among the backends not tried yet; False if none is left.
+
+        Each try has its own ``connect_timeout``; the first bytes are replayed whole.
+        """
+        backend = self.server.balancer.choose(
+            self.record.listener, route, self.record.client_ip, self.record.failed_backends
+        )
+        if backend is None:
+            return False
+        self.record.backend = backend
+        self.record.dial_seconds = None
+        self._first = self._replay
+        if self._timer is not None:
+            self._timer.cancel()
         self._dial_started = self._loop.time()
         self._timer = self._loop.call_at(
             self._dial_started + self.server.timeouts.connect_timeout, self._on_timeout
         )
-        self._first = consumed
-        if route.send_proxy_protocol:
-            self._first = encode_v2(self.record.client, self.record.local) + consumed
-        endpoint = self.server.resolved(route.backend)
+        endpoint = self.server.resolved(backend)
         if endpoint is None:  # a hostname: resolve it off the loop, then connect
-            task = self._loop.create_task(self.server.resolve(route.backend))
-            task.add_done_callback(self._on_resolved)
+            task = self._loop.create_task(self.server.resolve(backend))
+            task.add_done_callback(lambda t: self._on_resolved(t, backend))
         else:
             self._connect(*endpoint)
+        return True
 
-    def _on_resolved(self, task: asyncio.Task[Endpoint]) -> None:
-        if self._step is not _Step.DIALING:
-            return  # ended meanwhile (timeout, drain)
+    def _on_resolved(self, task: asyncio.Task[Endpoint], backend: Address) -> None:
+        if self._step is not _Step.DIALING or self.record.backend is not backend:
+            return  # ended meanwhile (timeout, drain), or moved on to another backend
         try:
             self._connect(*task.result())
         except OSError as exc:
@@ -310,13 +332,40 @@ class Connection:
         self._first = self._first[sent:]
         if self._first:
             return False  # the rest when the backend can take it
+        route = self.record.route
+        if route is not None and len(route.backends) > 1:
+            # Another backend could still take the connection: wait for this one's first
+            # byte, so that a backend that resets or closes before answering (a crash, a
+            # full accept queue) is failed over like a refused dial (ARCHITECTURE.md,
+            # "Backends and health"). The client waits for the ServerHello meanwhile.
+            self._poller.watch(backend.fileno(), READ, self._on_backend_answer)
+            return True
         self._start_relay(backend)
         return True
+
+    @_guarded
+    def _on_backend_answer(self, events: int) -> None:
+        backend = self._backend
+        assert backend is not None
+        try:
+            answered = backend.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_failed("backend_reset", str(exc))
+            return
+        if not answered:
+            self._backend_failed("backend_reset", "closed before answering")
+            return
+        self._start_relay(backend)
 
     def _start_relay(self, backend: socket.socket) -> None:
         assert self._timer is not None
         self._timer.cancel()
         self._step = _Step.RELAYING
+        route, chosen = self.record.route, self.record.backend
+        if route is not None and chosen is not None:
+            self._counted = self.server.balancer.connected(route, chosen)
         # The relay's handlers replace ours; the client socket's mask stays as it is.
         idle_timeout = self.server.timeouts.idle_timeout
         self._relay = Relay(
@@ -336,8 +385,27 @@ class Connection:
         self._finish()
 
     def _backend_failed(self, outcome: str, detail: str) -> None:
+        route, failed = self.record.route, self.record.backend
+        if self._step is _Step.DIALING and route is not None and failed is not None:
+            # Failover (ARCHITECTURE.md, "Backends and health"): nothing reached the
+            # client yet and the ClientHello is replayed, so another backend is safe.
+            self.server.balancer.dial_failed(self.record.listener, route, failed)
+            self.record.failed_backends += (failed,)
+            self._drop_backend()
+            try:
+                if self._dial_next(route):
+                    return
+            except Exception as exc:
+                self.fail(exc)
+                return
         self.record.outcome, self.record.detail = outcome, detail
         self._close()
+
+    def _drop_backend(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.fileno() >= 0:
+            self._poller.forget(backend.fileno(), closing=True)
+            backend.close()
 
     # --- L7: the handler takes the socket -----------------------------------------------
 
@@ -421,6 +489,8 @@ class Connection:
         if self._step is _Step.DONE:
             return
         self._step = _Step.DONE
+        if self._counted and self.record.backend is not None:
+            self.server.balancer.released(self.record.backend)
         if self._admitted:
             assert self._listener is not None
             self.server.admission.release(self._listener)

@@ -23,8 +23,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mcproxy.config import ProxyTimeouts
+from mcproxy.health import route_targets
 from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
 from mcproxy.worker.accesslog import AccessLog
+from mcproxy.worker.balance import Balancer
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint
 from mcproxy.worker.errors import Reason, Refused
@@ -102,11 +104,20 @@ class ConnectionServer:
         """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
         self._listening: dict[str, socket.socket] = {}
         self._local: dict[str, tuple[str, int]] = {}
+        self.balancer = Balancer(loop.time, route_targets)  # type: ignore[arg-type]
+        """Which backend each connection or request goes to (ARCHITECTURE.md, Backends)."""
 
     def update_state(self, state: ProxyState) -> None:
         if state.firewall != self.state.firewall:
             self.firewall = Firewall(state.firewall, self.country_of)
+        changed = state.listeners is not self.state.listeners
         self.state = state
+        if changed:
+            self.balancer.forget_routes(self._current_route)
+
+    def _current_route(self, listener: str, hostname: str) -> Route | None:
+        found = self.state.listeners.get(listener)
+        return None if found is None else found.routes.get(hostname)
 
     # --- accepting -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
 from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
+from mcproxy.worker.balance import SharedCounts
 from mcproxy.worker.geoip import GeoIP
 from mcproxy.worker.l7 import L7Proxy
 from mcproxy.worker.listener import Admission, ConnectionServer
@@ -111,6 +112,10 @@ class Worker:
                 self._set_state(state)
                 if not self.booted:
                     self._start_serving()
+            case pipe.Health(verdicts=verdicts, full=full):
+                if self.server is not None:
+                    self.server.balancer.set_verdicts(verdicts, full)
+                return  # not a change: nothing to acknowledge
             case pipe.Delta(change=change, generation=generation):
                 if generation != self.state.generation + 1:
                     raise RuntimeError(
@@ -133,15 +138,21 @@ class Worker:
         self.boot = boot
         setproctitle(f"mc-proxy: worker {boot.slot}")
         admission: Admission | None = None
+        shared: limits.SharedLimits | None = None
         if boot.shm_fd is not None:
             shared = limits.attach(boot.shm_fd).limits
-            admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
+            column = boot.cell + 1 if boot.cell is not None else boot.slot
+            admission = SharedAdmission(shared, column, boot.rate_limit, boot.rate_window)
         if boot.geoip_db is not None:
             self.geoip = GeoIP(boot.geoip_db)
         country_of = self.geoip.country if self.geoip is not None else None
         self.server = ConnectionServer(
             asyncio.get_running_loop(), boot.timeouts, admission, country_of
         )
+        self.server.balancer.offset(boot.slot)
+        if shared is not None:
+            cell = boot.cell if boot.cell is not None else boot.slot - 1
+            self.server.balancer.counts = SharedCounts(shared, cell)
         L7Proxy(self.server).install()
         if boot.metrics_dir is not None:
             from mcproxy.worker.metrics import WorkerMetrics, require_multiprocess_mode

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from mcproxy.model import Route
+from mcproxy.model import Address, Route
 
 __all__ = ["ConnectionRecord", "RequestRecord"]
 
@@ -30,6 +30,10 @@ class ConnectionRecord:
     detail: str = ""
     dial_seconds: float | None = None
     """Time to connect to the backend, when a dial succeeded."""
+    backend: Address | None = None
+    """The backend chosen (the last one tried, when every dial failed)."""
+    failed_backends: tuple[Address, ...] = ()
+    """Backends whose dial failed before this one (failover)."""
 
     @property
     def client_ip(self) -> str:
@@ -41,7 +45,10 @@ class ConnectionRecord:
         if route is None:
             routing = "route=- mode=- backend=-"
         else:
-            routing = f"route={route.hostname} mode={route.mode.value} backend={route.backend}"
+            backend = self.backend or route.backend
+            routing = f"route={route.hostname} mode={route.mode.value} backend={backend}"
+            if self.failed_backends:
+                routing += " failed=" + ",".join(map(str, self.failed_backends))
         line = (
             f"client={self.client[0]} listener={self.listener} sni={self.sni or '-'} {routing} "
             f"up={self.bytes_up} down={self.bytes_down} "
@@ -68,6 +75,8 @@ class RequestRecord:
     bytes_out: int = 0
     blocked_by: str | None = None
     """The policy kind that answered 403, if any."""
+    backend: Address | None = None
+    """The backend the request went to (the last one tried), None if answered locally."""
     backend_protocol: str | None = None
     """``h2`` or ``h1`` when the request was for a backend (None: answered before that)."""
     websocket: bool = False

@@ -13,6 +13,8 @@ Paths:
 ``/sse/N``          N server-sent events; event k+1 is sent only after the test
                     called :meth:`H2Backend.release_event` k+1 times.
 ``/status/N``       an empty response with status N.
+``/healthz``        an empty response with :attr:`H2Backend.health_status` (200 unless set).
+Every response to other paths carries ``x-backend: <name>``.
 """
 
 from __future__ import annotations
@@ -93,7 +95,11 @@ class _Connection:
         if isinstance(event, h2.events.RequestReceived):
             stream = self.streams[event.stream_id] = _Stream()
             stream.headers = list(event.headers)
-            self.backend.requests += 1
+            path = dict(event.headers).get(b":path", b"")
+            if path == b"/healthz":
+                self.backend.health_checks += 1
+            else:
+                self.backend.requests += 1
             self.backend.seen.append(stream.headers)
             task = asyncio.get_running_loop().create_task(self.respond(event.stream_id, stream))
             self.tasks.add(task)
@@ -169,7 +175,8 @@ class _Connection:
             await self.flush()
 
     def send_headers(self, sid: int, status: int, extra: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
-        self.conn.send_headers(sid, [(b":status", str(status).encode()), *extra])
+        named = [(b"x-backend", self.backend.name.encode())] if self.backend.name else []
+        self.conn.send_headers(sid, [(b":status", str(status).encode()), *named, *extra])
 
 
 Handler = Callable[[_Connection, int, _Stream, str], Awaitable[None]]
@@ -238,6 +245,12 @@ async def _sse(c: _Connection, sid: int, stream: _Stream, path: str) -> None:
     c.conn.end_stream(sid)
 
 
+async def _healthz(c: _Connection, sid: int, stream: _Stream, path: str) -> None:
+    await c.read_body(sid, stream)
+    status = str(c.backend.health_status).encode()
+    c.conn.send_headers(sid, [(b":status", status)], end_stream=True)
+
+
 async def _status(c: _Connection, sid: int, stream: _Stream, path: str) -> None:
     await c.read_body(sid, stream)
     c.conn.send_headers(sid, [(b":status", path.rsplit("/", 1)[1].encode())], end_stream=True)
@@ -251,7 +264,11 @@ class H2Backend:
         tls: tuple[str, str] | None = None,
         proxy_protocol: bool = False,
         max_streams: int = 100,
+        name: str = "",
     ) -> None:
+        self.name = name
+        self.health_status = 200
+        self.health_checks = 0
         self.proxy_protocol = proxy_protocol
         self.max_streams = max_streams
         self.connections = 0
@@ -288,6 +305,7 @@ class H2Backend:
             "trailers": _trailers,
             "sse": _sse,
             "status": _status,
+            "healthz": _healthz,
         }
         return routes.get(path.split("/")[1].split("?", maxsplit=1)[0], _headers)
 

@@ -25,8 +25,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from mcproxy.admin import cli
 from mcproxy.admin.client import AdminClient, AdminError, ListedRoute
+from mcproxy.admin.client import BackendState as ListedBackend
 from mcproxy.admin.server import AdminServer, AdminSocketError, claim_socket_path
 from mcproxy.admin.servicer import AdminServicer
+from mcproxy.health import BackendState, route_states
 from mcproxy.model import (
     Address,
     Balance,
@@ -88,6 +90,9 @@ class FakeSupervisor:
             now=time.time(),
             now_monotonic=time.monotonic(),
         )
+
+    def backend_states(self, route: Route) -> list[BackendState]:
+        return route_states(route, {})
 
 
 @pytest.fixture
@@ -206,8 +211,12 @@ def test_every_call_round_trips(client: AdminClient, fake: FakeSupervisor, tmp_p
         policies=(L7Policy(PolicyKind.BLOCK_USER_AGENT, "BadBot"),),
     )
     assert client.list_routes() == [
-        ListedRoute(LISTENER, Route("alpha.test", (Address("127.0.0.1", 9001),))),
-        ListedRoute(LISTENER, beta),
+        ListedRoute(
+            LISTENER,
+            Route("alpha.test", (Address("127.0.0.1", 9001),)),
+            (ListedBackend("127.0.0.1:9001", True),),  # no health check: up
+        ),
+        ListedRoute(LISTENER, beta, (ListedBackend("127.0.0.1:9002", True),)),
     ]
     assert client.list_routes(LISTENER) == client.list_routes()
     assert client.list_policies(LISTENER, "beta.test") == list(beta.policies)
@@ -450,7 +459,7 @@ def test_update_route_round_trips_and_answers_its_codes(
         health_check=HealthCheck(HealthCheckKind.TCP, interval=1.0, timeout=0.5),
     )
     assert fake.submitted[-1] == RouteUpdated(LISTENER, want)
-    assert client.list_routes() == [ListedRoute(LISTENER, want)]
+    assert [(r.listener, r.route) for r in client.list_routes()] == [(LISTENER, want)]
     assert generation == fake.state.generation
     with pytest.raises(AdminError) as missing:
         client.update_route(LISTENER, "nope.test", "127.0.0.1:1")
@@ -461,7 +470,7 @@ def test_update_route_round_trips_and_answers_its_codes(
     assert bad.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "route.backends[1]: duplicate of backends[0]" in bad.value.message
     assert len(fake.submitted) == submitted  # never reached the supervisor
-    assert client.list_routes() == [ListedRoute(LISTENER, want)]
+    assert [(r.listener, r.route) for r in client.list_routes()] == [(LISTENER, want)]
 
 
 def test_cli_routes_update_with_every_route_flag(

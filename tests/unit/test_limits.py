@@ -339,6 +339,46 @@ def test_a_killed_process_leaves_no_lock_and_its_slot_can_be_cleared(
     assert t.try_acquire(0, 0, 1)
 
 
+# --- backend counters (least_conn) -------------------------------------------------------
+
+
+def test_backend_rows_are_claimed_once_and_found_again() -> None:
+    t = table(slots=3)
+    row = t.backend_row("127.0.0.1:9001")
+    assert row is not None
+    assert t.backend_row("127.0.0.1:9001") == row
+    assert t.backend_row("127.0.0.1:9001", claim=False) == row
+    assert t.backend_row("127.0.0.1:9002", claim=False) is None
+    other = t.backend_row("127.0.0.1:9002")
+    assert other is not None and other != row
+
+
+def test_backend_counts_sum_every_slot_and_a_dead_slot_is_zeroed() -> None:
+    t = table(slots=3)
+    row = t.backend_row("10.0.0.1:80")
+    assert row is not None
+    t.backend_acquire(row, 0)
+    t.backend_acquire(row, 1)
+    t.backend_acquire(row, 1)
+    assert t.backend_connections(row) == 3
+    t.backend_release(row, 0)
+    t.backend_release(row, 0)  # never below zero
+    assert t.backend_connections(row) == 2
+    t.clear_slot(1)
+    assert t.backend_connections(row) == 0
+    assert t.backend_row("10.0.0.1:80", claim=False) == row  # the row stays claimed
+
+
+def test_a_full_backend_table_says_so() -> None:
+    layout = Layout(slots=1, listeners=0, buckets=8, backends=4)
+    buffer = bytearray(layout.size)
+    SharedLimits.format(buffer, layout, [])
+    t = SharedLimits(buffer, NoLock())
+    rows = {t.backend_row(f"10.0.0.{i}:80") for i in range(4)}
+    assert rows == {0, 1, 2, 3}
+    assert t.backend_row("10.0.0.99:80") is None
+
+
 def test_spare_rows_take_listeners_added_at_runtime() -> None:
     from mcproxy import limits as limits_module
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mcproxy import pipe
 from mcproxy.config import ProxyTimeouts
+from mcproxy.health import CheckTarget, Verdict
 from mcproxy.model import (
     Address,
     FirewallRules,
@@ -39,6 +40,10 @@ MESSAGES: list[pipe.Message] = [
     pipe.Boot(slot=1, listen_fds={"127.0.0.1:8443": 5}, timeouts=ProxyTimeouts()),
     pipe.Snapshot(STATE),
     pipe.Delta(RouteAdded("127.0.0.1:8443", Route("b.test", (Address("::1", 1),))), 8),
+    pipe.Health(
+        (Verdict(CheckTarget(Address("127.0.0.1", 9000), "tcp", 1.0, 1.0, 2, 3), False, "x", 1.0),),
+        full=True,
+    ),
     pipe.Ack(8),
     pipe.Heartbeat(generation=8, active_connections=3),
 ]
@@ -116,7 +121,13 @@ def test_the_allow_list_holds_value_types_only() -> None:
     import enum
 
     for (module, name), cls in pipe.ALLOWED.items():
-        assert module in ("builtins", "mcproxy.model", "mcproxy.config", "mcproxy.pipe")
+        assert module in (
+            "builtins",
+            "mcproxy.model",
+            "mcproxy.config",
+            "mcproxy.health",
+            "mcproxy.pipe",
+        )
         assert cls.__qualname__ == name
         if module != "builtins" and cls is not RouteTable:
             assert dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)

@@ -321,6 +321,10 @@ class Exchange:
         """Why mc-proxy answered or reset this exchange itself (for the access log)."""
         self.on_dial: Callable[[float], None] | None = None
         """Told how long a backend dial took, when this exchange waited for one."""
+        self.failover: Callable[[Exchange, int, str], bool] | None = None
+        """Asked first when no backend stream could be had and no byte of the request was
+        sent: True when it moved the exchange to another backend (ARCHITECTURE.md,
+        "Backends and health")."""
         self.started = clock()
         self._clock = clock
         self.duration = 0.0
@@ -413,6 +417,13 @@ class Exchange:
     def backend_failed(self, status: int, detail: str) -> None:
         """No backend stream, or its connection broke: a local error or a reset to the client."""
         if self.finished:
+            return
+        if (
+            self.failover is not None
+            and not self.request.head_sent
+            and not self.request.forwarded
+            and self.failover(self, status, detail)
+        ):
             return
         self.backend = None
         self.request.drop()

@@ -18,8 +18,9 @@ import ssl
 import time
 
 from mcproxy.config import ProxyTimeouts
-from mcproxy.model import BackendProtocol, Route, lookup_route
+from mcproxy.model import Address, BackendProtocol, Route, lookup_route
 from mcproxy.worker.clienthello import ClientHello
+from mcproxy.worker.l7.backends import Choices
 from mcproxy.worker.l7.bridge import Exchange
 from mcproxy.worker.l7.certs import (
     BackendContexts,
@@ -47,15 +48,19 @@ H1_MAX_CONNECTIONS = 256
 """Connections per HTTP/1.1 backend per worker: one request each (a WebSocket leaves the pool)."""
 
 
-def backend_key(route: Route, proxy_header: bytes = b"") -> BackendKey:
-    """The pool a route's requests go to: address, TLS, protocol, trust (and PROXY header)."""
+def backend_key(
+    route: Route, proxy_header: bytes = b"", backend: Address | None = None
+) -> BackendKey:
+    """The pool a route's requests go to: address (``backend``, default the route's first),
+    TLS, protocol, trust (and PROXY header)."""
     trust = BackendTrust(
         ca=route.backend_ca,
         server_name=route.backend_server_name,
         client_cert=route.backend_client_cert,
         client_key=route.backend_client_key,
     )
-    return BackendKey(route.backend, route.backend_tls, proxy_header, route.backend_protocol, trust)
+    address = backend if backend is not None else route.backend
+    return BackendKey(address, route.backend_tls, proxy_header, route.backend_protocol, trust)
 
 
 log = logging.getLogger("mcproxy.l7")
@@ -79,6 +84,9 @@ class _Session:
         self.channel: Channel | None = None
         self.idle_timed_out = False
         self._idle: asyncio.TimerHandle | None = None
+        self.choices = Choices(
+            proxy.server.balancer, record.listener, record.client_ip, self._group_of
+        )
         self.router = Router(
             lookup=self._lookup,
             client_ip=record.client_ip,
@@ -89,6 +97,7 @@ class _Session:
             timers=proxy.clock,
             idle_timeout=proxy.timeouts.idle_timeout,
             route_for=self._route_for,
+            on_routed=self._routed,
             client_cert=client_cert,
         )
 
@@ -105,11 +114,18 @@ class _Session:
         return lookup_route(listener.routes, name) if listener is not None else None
 
     def _group_for(self, route: Route) -> BackendPool:
+        return self._group_of(route, self.choices.choose(route))
+
+    def _routed(self, exchange: Exchange, route: Route) -> None:
+        if exchange.home is not None:
+            self.choices.routed(exchange, route, exchange.home.key.backend)
+
+    def _group_of(self, route: Route, backend: Address) -> BackendPool:
         if not route.send_proxy_protocol:
-            return self.proxy.group(backend_key(route))
+            return self.proxy.group(backend_key(route, backend=backend))
         # The PROXY header names this client: a pool of its own, closed with the connection.
         header = encode_v2(self.record.client, self.record.local)
-        key = backend_key(route, header)
+        key = backend_key(route, header, backend=backend)
         pool = self.private.get(key)
         if pool is None:
             pool = self.private[key] = self.proxy.new_pool(key)
@@ -120,6 +136,7 @@ class _Session:
             self.record.dial_seconds = seconds
 
     def _finished(self, exchange: Exchange) -> None:
+        backend, failed = self.choices.finished(exchange)
         home = exchange.home
         protocol = home.key.protocol if home is not None else None
         request = RequestRecord(
@@ -133,12 +150,17 @@ class _Session:
             blocked_by=exchange.blocked_by.value if exchange.blocked_by else None,
             backend_protocol=protocol.value if protocol is not None else None,
             websocket=protocol is BackendProtocol.H1 and exchange.method == "CONNECT",
+            backend=backend,
         )
         extra = f" proto={request.backend_protocol}" if request.backend_protocol else ""
         if request.websocket:
             extra += " websocket=1"
         if request.blocked_by:
             extra += f" blocked_by={request.blocked_by}"
+        if backend is not None:
+            extra += f" backend={backend}"
+        if failed:
+            extra += " failed=" + ",".join(map(str, failed))
         if exchange.detail:
             extra += ' detail="' + exchange.detail.replace('"', "'") + '"'
         self.proxy.server.access_log.write(

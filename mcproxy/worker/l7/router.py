@@ -58,8 +58,11 @@ class Router:
         timers: Clock | None = None,
         idle_timeout: float = 0.0,
         route_for: Callable[[str], Route | None] | None = None,
+        on_routed: Callable[[Exchange, Route], None] | None = None,
         client_cert: bytes | None = None,
     ) -> None:
+        self._on_routed = on_routed
+        """Told each exchange sent towards a backend (balancing, failover)."""
         self._lookup = lookup
         self._client_ip = client_ip
         self._group_for = group_for
@@ -120,6 +123,8 @@ class Router:
             else:
                 exchange.request.head = forwarded
                 exchange.home = self._group_for(route)
+                if self._on_routed is not None:
+                    self._on_routed(exchange, route)
         return exchange
 
     def _finished(self, exchange: Exchange) -> None:
