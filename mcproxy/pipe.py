@@ -87,6 +87,9 @@ class Boot:
     shm_fd: int | None = None
     """Inherited fd of the shared limits file (:mod:`mcproxy.limits`)."""
     metrics_dir: str | None = None
+    cell: int | None = None
+    """Its column in the shared connection counters (0-based); None: ``slot - 1``. It
+    differs from the slot's after an upgrade, while the old workers hold theirs."""
 
 
 @dataclass(frozen=True, slots=True)

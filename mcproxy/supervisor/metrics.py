@@ -295,7 +295,9 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | None:
+def start_metrics(
+    config: Config, supervisor: Supervisor, wipe: bool = True
+) -> MetricsEndpoint | None:
     """Wire metrics into the supervisor before any worker starts, or do nothing if the
     config has no ``metrics:``. Raises ListenError when the address cannot be bound and
     MetricsError when the directory cannot be prepared."""
@@ -303,7 +305,8 @@ def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | N
         return None
     directory = MetricsDirectory(directory_for(config))
     try:
-        directory.wipe()
+        if wipe:  # not after an upgrade: the old workers' files are live
+            directory.wipe()
     except OSError as exc:
         raise MetricsError(f"cannot prepare the metrics directory {directory.path}: {exc}") from exc
     registry = CollectorRegistry()

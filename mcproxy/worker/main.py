@@ -141,7 +141,8 @@ class Worker:
         shared: limits.SharedLimits | None = None
         if boot.shm_fd is not None:
             shared = limits.attach(boot.shm_fd).limits
-            admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
+            column = boot.cell + 1 if boot.cell is not None else boot.slot
+            admission = SharedAdmission(shared, column, boot.rate_limit, boot.rate_window)
         if boot.geoip_db is not None:
             self.geoip = GeoIP(boot.geoip_db)
         country_of = self.geoip.country if self.geoip is not None else None
@@ -150,7 +151,8 @@ class Worker:
         )
         self.server.balancer.offset(boot.slot)
         if shared is not None:
-            self.server.balancer.counts = SharedCounts(shared, boot.slot - 1)
+            cell = boot.cell if boot.cell is not None else boot.slot - 1
+            self.server.balancer.counts = SharedCounts(shared, cell)
         L7Proxy(self.server).install()
         if boot.metrics_dir is not None:
             from mcproxy.worker.metrics import WorkerMetrics, require_multiprocess_mode

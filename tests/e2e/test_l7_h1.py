@@ -360,6 +360,8 @@ def test_a_backend_failing_verification_gives_502_with_the_reason_logged(app: Ap
 def test_a_backend_wanting_a_client_certificate_refuses_a_proxy_without_one(app: App) -> None:
     status, _ = app.curl("/headers", host="nocert.test")
     assert status == 502
+    wait_for(lambda: "route=nocert.test" in app.log(), 5, "the access log")
+    assert "Traceback" not in app.log()
 
 
 def _client_cert(app: App, name: str) -> tuple[Path, Path]:
