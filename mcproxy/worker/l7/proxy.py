@@ -361,6 +361,7 @@ class L7Proxy:
             channel.leg = leg
             await self.loop.connect_accepted_socket(lambda: channel, sock)
             if isinstance(leg, H1Back) and not leg.closed:
+                leg.tls = tls
                 leg.transition(ConnState.READY)
         except BaseException:
             if channel is not None and channel.transport is not None:
