@@ -59,6 +59,8 @@ _FIREWALL_LISTS = (
     ("blocked_countries", FirewallRuleKind.COUNTRY),
 )
 _YAML_NAMES = {"policies": "l7_policies"}
+_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's emitter when PyYAML has it (the same text, about twice as fast)."""
 _ALWAYS = ("mode",)
 """Route fields written even at their default, so a reader sees the mode of each route."""
 
@@ -148,8 +150,12 @@ def export_yaml(state: ProxyState, geoip_db: str | None = None) -> str:
         "# database, admin, metrics, proxy: their defaults apply); add them to serve from\n"
         "# this file. `mcproxyctl apply -f` makes a running node's state equal to it.\n"
     )
-    body = yaml.safe_dump(
-        state_document(state, geoip_db), sort_keys=False, default_flow_style=False, width=100
+    body = yaml.dump(
+        state_document(state, geoip_db),
+        Dumper=_DUMPER,
+        sort_keys=False,
+        default_flow_style=False,
+        width=100,
     )
     return header + body
 

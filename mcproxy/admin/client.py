@@ -30,7 +30,7 @@ from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.model import FirewallRules, L7Policy, Route
 from mcproxy.statefile import PlannedChange
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -45,6 +45,9 @@ __all__ = [
 DEFAULT_SOCKET = "/srv/mc-proxy/admin.sock"
 DEFAULT_TIMEOUT = 30.0
 """Longer than the server's own wait for worker acknowledgements, so its message wins."""
+
+STATE_TIMEOUT = 300.0
+"""Export and apply read and write the whole state: 100,000 routes take seconds of YAML."""
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 """gRPC's default 4 MiB holds ~70,000 routes in a ListRoutes reply; allow far more."""
@@ -128,9 +131,15 @@ class AdminClient:
     ) -> None:
         self.close()
 
-    def _call(self, rpc: Callable[..., object], request: object, reply: type[_Reply]) -> _Reply:
+    def _call(
+        self,
+        rpc: Callable[..., object],
+        request: object,
+        reply: type[_Reply],
+        timeout: float | None = None,
+    ) -> _Reply:
         try:
-            response = rpc(request, timeout=self.timeout)
+            response = rpc(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         assert isinstance(response, reply)
@@ -270,7 +279,10 @@ class AdminClient:
     def export_state(self) -> tuple[str, int]:
         """The state as YAML in the config file's schema, and its generation."""
         response = self._call(
-            self._stub.ExportState, pb.ExportStateRequest(), pb.ExportStateResponse
+            self._stub.ExportState,
+            pb.ExportStateRequest(),
+            pb.ExportStateResponse,
+            max(self.timeout, STATE_TIMEOUT),
         )
         return response.yaml, response.generation
 
@@ -284,7 +296,9 @@ class AdminClient:
         A document with problems raises INVALID_ARGUMENT naming each field.
         """
         request = pb.ApplyStateRequest(yaml=text, dry_run=dry_run, source_name=source_name)
-        response = self._call(self._stub.ApplyState, request, pb.ApplyStateResponse)
+        response = self._call(
+            self._stub.ApplyState, request, pb.ApplyStateResponse, max(self.timeout, STATE_TIMEOUT)
+        )
         return AppliedState(
             changes=[
                 PlannedChange(c.action, c.kind, c.listener, c.name, c.detail)

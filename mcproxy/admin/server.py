@@ -37,6 +37,7 @@ log = logging.getLogger("mcproxy.admin")
 SERVICE_NAME: str = admin_pb2.DESCRIPTOR.services_by_name["ProxyAdminService"].full_name
 _PROBE_TIMEOUT = 1.0
 _THREADS = 8
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
 """Calls that change things queue behind one another in the supervisor's loop anyway."""
 
 
@@ -58,7 +59,9 @@ class AdminServer:
         """Bind the socket (0600) and start serving; raises :class:`AdminSocketError`."""
         claim_socket_path(self.path)
         server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="admin")
+            concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="admin"),
+            # An ApplyState document of 100,000 routes is ~7 MB; gRPC's default is 4 MiB.
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
         )
         servicer = AdminServicer(self.backend)
         admin_pb2_grpc.add_ProxyAdminServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -202,14 +202,21 @@ def good_h1(stack: Stack, deadline: float) -> bool:
     return head.startswith(b"HTTP/1.1 200") and body == pattern(GOOD_SIZE)
 
 
-def good_client(stack: Stack, duration: float) -> tuple[int, int]:
-    """Fresh-connection requests in turn over HTTP/1.1 and HTTP/2: (succeeded, made)."""
+def good_client(stack: Stack, duration: float, at_least: int = 8) -> tuple[int, int]:
+    """Fresh-connection requests in turn over HTTP/1.1 and HTTP/2: (succeeded, made).
+
+    For ``duration`` and at least ``at_least`` requests (within a minute), each with a
+    deadline of its own (generous: the machine may be loaded; a starved request never ends).
+    """
     ok = made = 0
-    end = time.monotonic() + duration
-    while time.monotonic() < end and made < 200:
+    start = time.monotonic()
+    while made < 200:
+        now = time.monotonic()
+        if (now > start + duration and made >= at_least) or now > start + 60:
+            break
         request = good_h2 if made % 2 else good_h1
         with contextlib.suppress(OSError):
-            ok += request(stack, time.monotonic() + 5.0)
+            ok += request(stack, time.monotonic() + 10.0)
         made += 1
     return ok, made
 
@@ -353,12 +360,12 @@ def check(state: Attacker, ok: int, made: int, expected_stalls: int) -> None:
         if times
         else f"good {ok}/{made}; no stall reset"
     )
-    assert made >= 4, f"the good client made only {made} requests"
+    assert made >= 8, f"the good client made only {made} requests"
     assert ok / made >= 0.95, f"good client: {ok} of {made} succeeded during the attack"
     assert len(state.stall_times) >= expected_stalls
     # Reset after idle_timeout of no progress: not before, not much after (a loaded machine).
     assert min(state.stall_times) >= IDLE * 0.9
-    assert sorted(state.stall_times)[len(state.stall_times) // 2] < IDLE * 1.25 + 2
+    assert times[len(times) // 2] < IDLE * 1.25 + 5
 
 
 def test_http2_posts_that_never_send_their_body(stack: Stack) -> None:
@@ -368,7 +375,7 @@ def test_http2_posts_that_never_send_their_body(stack: Stack) -> None:
 
 
 def test_http2_readers_that_never_open_their_window(stack: Stack) -> None:
-    attack = h2_stall_attack(stack, 4, 25, window=0, path=f"/bytes/{8 << 20}", method="GET")
+    attack = h2_stall_attack(stack, 4, 25, window=0, path=f"/bytes/{1 << 20}", method="GET")
     state, ok, made = run_attack(stack, attack, 100)
     check(state, ok, made, 100)
 

@@ -378,3 +378,48 @@ def test_a_queued_exchange_is_the_pools_not_the_deadline_sweeps() -> None:
     assert all(resets(client, sid) for sid in sids[:-1])
     assert not resets(client, sids[-1])
     assert len(only_pool(world).serving) == 1
+
+
+def test_connect_timeout_covers_the_backends_settings_too() -> None:
+    world = World(auto_dial=False, connect_timeout=5.0)
+    client = world.h2_client()
+    sid = client.request("/")
+    world.run()
+    (dial,) = world.dials
+    io = FakeIO()
+    leg = H2Back(io)
+    world.advance(3.0)
+    dial.connected(leg)  # TCP (and TLS) up, but no SETTINGS ever comes
+    world.advance(1.9)
+    assert not client.of(sid, h2.events.ResponseReceived)
+    world.advance(0.2)
+    assert status(client, sid) == b"504"
+    assert io.aborted
+    assert state_of_leg(leg) is ConnState.CLOSED
+
+
+def test_closing_a_private_pool_cancels_its_dial_and_closes_its_connections() -> None:
+    world = World(auto_dial=False, backend_settings=ONE_STREAM)
+    client = world.h2_client()
+    client.request("/")
+    world.run()
+    (dial,) = world.dials
+    world.dials.clear()
+    backend = world.connect(dial)
+    world.run()
+    client.request("/more")
+    world.run()
+    pool = only_pool(world)
+    cancelled: list[bool] = []
+    pending = list(pool.dials)
+    assert len(pending) == 1  # the second request needs a second connection
+    for d in pending:
+        d.cancel = lambda: cancelled.append(True)
+    pool.close()
+    assert state_of(backend) is ConnState.CLOSED
+    assert pool.connections == [] and pool.dials == []
+    assert cancelled == [True] * len(pending)
+
+
+def state_of_leg(leg: H2Back) -> ConnState:
+    return leg.state

@@ -9,9 +9,22 @@ from hypothesis import strategies as st
 from mcproxy.model import (
     CATCH_ALL,
     Address,
+    Change,
+    ChangeBatch,
+    FirewallRules,
+    Listener,
+    ListenerMaxConnectionsSet,
+    ProxyState,
     Route,
+    RouteAdded,
+    RouteRemoved,
     RouteTable,
+    RouteUpdated,
+    StateError,
+    apply_change,
     lookup_route,
+    make_state,
+    parse_address,
     route_matches,
 )
 
@@ -152,3 +165,82 @@ def test_lookup_agrees_with_brute_force(
             table = table.without(hostname)
         for name in names:
             assert table.lookup(name) == _reference(model, name)
+
+
+# --- a batch applies as its changes one by one would ----------------------------------------
+
+_L = ("127.0.0.1:1", "127.0.0.1:2")
+_CHANGE = st.one_of(
+    st.builds(
+        lambda lst, h, port: RouteAdded(lst, _route(f"h{h}.test", port)),
+        st.sampled_from(_L),
+        st.integers(0, 12),
+        st.integers(1, 3),
+    ),
+    st.builds(
+        lambda lst, h, port: RouteUpdated(lst, _route(f"h{h}.test", port)),
+        st.sampled_from(_L),
+        st.integers(0, 12),
+        st.integers(1, 3),
+    ),
+    st.builds(
+        lambda lst, h: RouteRemoved(lst, f"h{h}.test"), st.sampled_from(_L), st.integers(0, 12)
+    ),
+    st.builds(ListenerMaxConnectionsSet, st.sampled_from(_L), st.integers(0, 3)),
+    st.builds(lambda h: RouteAdded("127.0.0.1:9", _route(f"h{h}.test")), st.integers(0, 2)),
+)
+
+
+def _sequential(state: ProxyState, changes: list[Change]) -> ProxyState:
+    for change in changes:
+        state = apply_change(state, change)
+    return state
+
+
+@given(st.integers(0, 40), st.lists(_CHANGE, max_size=120))
+def test_batch_equals_sequential_application(initial: int, changes: list[Change]) -> None:
+    listeners = [
+        Listener(
+            parse_address(addr),
+            routes={f"h{i}.test": _route(f"h{i}.test") for i in range(initial) if i % 2 == k},
+        )
+        for k, addr in enumerate(_L)
+    ]
+    state = make_state(1, listeners, FirewallRules())
+    try:
+        expected: ProxyState | StateError = _sequential(state, changes)
+    except StateError as exc:
+        expected = exc
+    try:
+        got: ProxyState | StateError = apply_change(state, ChangeBatch(tuple(changes)))
+    except StateError as exc:
+        got = exc
+    if isinstance(expected, StateError):
+        assert isinstance(got, StateError)
+        assert (got.kind, str(got)) == (expected.kind, str(expected))
+        return
+    assert isinstance(got, ProxyState)
+    assert got.generation == state.generation + 1
+    for addr in _L:
+        a, b = expected.listener(addr), got.listener(addr)
+        assert a.max_connections == b.max_connections
+        assert len(a.routes) == len(b.routes)
+        assert dict(a.routes.items()) == dict(b.routes.items())
+        for name in ("h1.test", "x.test", None):
+            assert lookup_route(a.routes, name) == lookup_route(b.routes, name)
+
+
+def test_a_large_batch_folds_into_a_new_base_once() -> None:
+    addr = "127.0.0.1:1"
+    routes = {f"h{i}.test": _route(f"h{i}.test") for i in range(2000)}
+    state = make_state(1, [Listener(parse_address(addr), routes=routes)], FirewallRules())
+    changes: list[Change] = [RouteUpdated(addr, _route(f"h{i}.test", 2)) for i in range(0, 600, 3)]
+    changes += [RouteRemoved(addr, f"h{i}.test") for i in range(1, 600, 3)]
+    changes += [RouteAdded(addr, _route(f"n{i}.test")) for i in range(300)]
+    got = apply_change(state, ChangeBatch(tuple(changes)))
+    expected = _sequential(state, changes)
+    table = got.listener(addr).routes
+    assert isinstance(table, RouteTable) and table._overlay == {}  # folded
+    assert dict(table.items()) == dict(expected.listener(addr).routes.items())
+    assert len(table) == 2000 - 200 + 300
+    assert dict(state.listener(addr).routes.items()) == routes  # the old state is untouched

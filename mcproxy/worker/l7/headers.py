@@ -153,9 +153,28 @@ def authority_host(authority: bytes) -> str | None:
 
     Lower case, port and trailing dot dropped; an IP literal stays as it is
     (brackets dropped), so only a catch-all route can match it. None when the
-    value is no host at all (userinfo, garbage).
+    value is no host at all (userinfo, garbage). Memoised: a client sends the
+    same few values again and again, and parsing one costs more than the rest
+    of the request checks together (bench/, ``python -m bench.profile l7_h2``).
     """
-    if b"@" in authority:
+    try:
+        return _AUTHORITIES[authority]
+    except KeyError:
+        pass
+    host = _parse_authority(authority)
+    if len(_AUTHORITIES) >= _AUTHORITIES_MAX:
+        _AUTHORITIES.clear()
+    _AUTHORITIES[authority] = host
+    return host
+
+
+_AUTHORITIES: dict[bytes, str | None] = {}
+_AUTHORITIES_MAX = 4096
+"""Bounded: a client sending a new value each time only makes the cache start over."""
+
+
+def _parse_authority(authority: bytes) -> str | None:
+    if b"@" in authority or len(authority) > 300:
         return None
     host = authority
     if host.startswith(b"["):
@@ -178,10 +197,12 @@ def authority_host(authority: bytes) -> str | None:
         text = host.decode("ascii")
     except UnicodeDecodeError:
         return None
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        return normalize_hostname(text)
+    if text[-1:].isdigit():
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError:
+            pass
+    return normalize_hostname(text)
 
 
 def refusal(
