@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import argcomplete
@@ -29,18 +30,35 @@ def _check(path: str) -> int:
 
 
 def _serve(path: str) -> int:
-    from mcproxy.supervisor.main import serve
-
+    try:
+        from mcproxy.supervisor.main import serve
+    except Exception as exc:  # an upgrade to a broken installation: see _boot_failed
+        return _boot_failed(path, [f"cannot load mc-proxy: {type(exc).__name__}: {exc}"])
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        return _boot_failed(path, exc.problems)
     except OSError as exc:
-        print(f"{path}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return _boot_failed(path, [f"{path}: {exc.strerror}"])
     return serve(config)
+
+
+def _boot_failed(path: str, problems: list[str]) -> int:
+    """Print why serve cannot start and exit 1; but after an upgrade in place (SIGUSR2
+    re-executed us), keep the previous workers serving instead (supervisor/upgrade.py)."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not os.environ.get("MCPROXY_UPGRADE"):
+        return 1
+    import logging
+
+    from mcproxy.supervisor import upgrade
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    inherited = upgrade.take_from_environ()
+    if inherited is None:
+        return 1
+    return upgrade.caretake(inherited, path, "; ".join(problems))
 
 
 def _demo(directory: str | None, listen_host: str) -> int:
@@ -65,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the proxy in the foreground, logging to stderr. The YAML seeds an"
         " empty database only; after that, routes and firewall rules come from the database."
         " SIGTERM or SIGINT: stop accepting, drain open connections up to"
-        " proxy.shutdown_timeout, exit 0 (a second SIGINT stops without waiting).",
+        " proxy.shutdown_timeout, exit 0 (a second SIGINT stops without waiting)."
+        " SIGUSR2 (systemctl reload): check the config, then re-execute in place, same PID"
+        " and listening sockets; new workers start and the old ones drain.",
     )
     serve.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
     check = commands.add_parser(

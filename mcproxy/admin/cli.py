@@ -35,7 +35,7 @@ from mcproxy.admin.client import (
 )
 from mcproxy.config import parse_duration
 from mcproxy.model import BackendProtocol, Balance, FirewallRuleKind, FirewallRules, L7Policy, Route
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = ["main"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+from dataclasses import dataclass
 
 from setproctitle import setproctitle
 
@@ -17,8 +18,9 @@ from mcproxy import __version__
 from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
 from mcproxy.model import ProxyState
-from mcproxy.supervisor.manager import Supervisor, enable_fault_dumps
-from mcproxy.supervisor.metrics import MetricsError, start_metrics
+from mcproxy.supervisor import upgrade
+from mcproxy.supervisor.manager import Supervisor, UpgradeFailed, enable_fault_dumps
+from mcproxy.supervisor.metrics import MetricsEndpoint, MetricsError, start_metrics
 from mcproxy.supervisor.sockets import ListenError
 from mcproxy.supervisor.store import Store, StoreError
 from mcproxy.worker.geoip import GeoIP, GeoIPError
@@ -71,49 +73,90 @@ def geoip_problem(config: Config, state: ProxyState) -> str | None:
     return None
 
 
+class _BootFailed(Exception):
+    pass
+
+
+@dataclass
+class _Servers:
+    """What serve() owns besides the supervisor; restarted after a failed exec."""
+
+    admin: AdminServer
+    metrics: MetricsEndpoint | None
+
+
 def serve(config: Config) -> int:
+    inherited = upgrade.take_from_environ()  # set when SIGUSR2 re-executed us
     configure_logging()
     setproctitle("mc-proxy: supervisor")
     enable_fault_dumps()
     raise_fd_limit()
     try:
+        return _serve(config, inherited)
+    except _BootFailed as failed:
+        if inherited is None:
+            log.error("%s", failed)
+            return 1
+        return upgrade.caretake(inherited, config.path, str(failed))
+    except UpgradeFailed as failed:
+        return upgrade.caretake(failed.inherited, config.path, str(failed))
+
+
+def _serve(config: Config, inherited: upgrade.Inherited | None) -> int:
+    """Raises _BootFailed before the supervisor runs (after an upgrade, the caller then
+    keeps the previous workers serving), UpgradeFailed if the new workers cannot boot."""
+    try:
         store = Store.open(config.database_path)
     except StoreError as exc:
-        log.error("%s", exc)
-        return 1
-    if store.is_empty():
+        raise _BootFailed(str(exc)) from None
+    if store.is_empty() and inherited is None:
         store.seed(config.seed)
         log.info("database %s was empty: seeded from %s", config.database_path, config.path)
     state = store.load()
     if problem := geoip_problem(config, state):
-        log.error("%s", problem)
-        return 1
+        raise _BootFailed(problem)
     supervisor = Supervisor(config, store, state)
     try:
-        supervisor.open_sockets()
-        metrics = start_metrics(config, supervisor)
+        supervisor.open_sockets(inherited)
+        metrics = start_metrics(config, supervisor, wipe=inherited is None)
     except (ListenError, MetricsError) as exc:
-        log.error("%s", exc)
-        return 1
-    supervisor.create_shared_memory()
+        raise _BootFailed(str(exc)) from None
+    supervisor.create_shared_memory(inherited)
     supervisor.start_health_checks()
     try:
         admin = AdminServer(config.admin_socket, supervisor).start()
     except AdminSocketError as exc:
-        log.error("%s", exc)
-        return 1
+        raise _BootFailed(str(exc)) from None
+    if inherited is not None:
+        supervisor.adopt(inherited)
+        upgrade.close_originals(inherited)  # from here on the supervisor owns copies
     supervisor.install_signal_handlers()
+    servers = _Servers(admin, metrics)
+
+    def before_exec() -> None:
+        servers.admin.stop()
+        if servers.metrics is not None:
+            servers.metrics.close()
+        supervisor.store.close()
+
+    def after_failed_exec() -> None:
+        supervisor.store = Store.open(config.database_path)
+        servers.admin = AdminServer(config.admin_socket, supervisor).start()
+        servers.metrics = start_metrics(config, supervisor, wipe=False)
+
+    supervisor.exec_hooks = (before_exec, after_failed_exec)
     log.info(
-        "mc-proxy %s: %d listeners, %d routes, %d workers",
+        "mc-proxy %s: %d listeners, %d routes, %d workers%s",
         __version__,
         len(state.listeners),
         sum(len(listener.routes) for listener in state.listeners.values()),
         config.worker_count(),
+        " (upgraded in place)" if inherited is not None else "",
     )
     try:
         return supervisor.run()
     finally:
-        admin.stop()
-        if metrics is not None:
-            metrics.close()
-        store.close()
+        servers.admin.stop()
+        if servers.metrics is not None:
+            servers.metrics.close()
+        supervisor.store.close()

@@ -28,11 +28,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mcproxy
 from mcproxy import limits, pipe
-from mcproxy.config import Config
+from mcproxy.config import Config, ConfigError, load_config
 from mcproxy.health import BackendState, CheckTarget, Verdict, route_states
 from mcproxy.model import (
     Change,
@@ -43,13 +43,13 @@ from mcproxy.model import (
     StateError,
     apply_change,
 )
+from mcproxy.supervisor import upgrade
 from mcproxy.supervisor.health import HealthRunner
 from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
-from mcproxy.worker.main import BOOT_ERROR
 
-__all__ = ["Halt", "Stopping", "Supervisor", "WorkerNotAcknowledged"]
+__all__ = ["Halt", "Stopping", "Supervisor", "UpgradeFailed", "WorkerNotAcknowledged"]
 
 log = logging.getLogger("mcproxy.supervisor")
 
@@ -80,6 +80,14 @@ def respawn_delay(quick_deaths: int) -> float:
 
 class Halt(Exception):
     """Stop the whole server with this message and a non-zero exit."""
+
+
+class UpgradeFailed(Exception):
+    """The program started by an upgrade cannot serve; the old workers must go on."""
+
+    def __init__(self, why: str, inherited: upgrade.Inherited) -> None:
+        super().__init__(why)
+        self.inherited = inherited
 
 
 class Stopping(Exception):
@@ -115,8 +123,20 @@ class Slot:
     index: int
     sockets: dict[str, socket.socket]
     worker: WorkerProcess | None = None
+    cell: int = -1
+    """Column of the shared connection counters its workers count in (-1: ``index - 1``)."""
     quick_deaths: int = 0
     respawn_at: float = 0.0
+
+
+@dataclass
+class RetiringWorker:
+    """A worker of the program before an upgrade (ARCHITECTURE.md, "Upgrade in place")."""
+
+    pid: int
+    slot: int
+    cell: int
+    channel: socket.socket
 
 
 @dataclass
@@ -157,6 +177,13 @@ class Supervisor:
         """What the workers were told is down (a new worker gets it after its snapshot)."""
         self._health_state: ProxyState | None = None
         self._snapshot_cache: tuple[ProxyState, bytes] | None = None
+        self.retiring: list[RetiringWorker] = []
+        """The previous program's workers after an upgrade, until they have drained."""
+        self.retire_signalled_at: float | None = None
+        """When they were told to drain (None: they still accept, and changes wait)."""
+        self.upgrade_requested = False
+        self.exec_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+        """(before, after a failed exec): stop and restart what main.py owns (admin API)."""
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -164,22 +191,75 @@ class Supervisor:
 
     # --- set-up ----------------------------------------------------------------
 
-    def open_sockets(self) -> None:
-        """Bind every listener once per slot; raises ListenError naming the address."""
-        for index in range(1, self.config.worker_count() + 1):
-            sockets = {
-                addr: open_listening_socket(listener.addr)
-                for addr, listener in self.state.listeners.items()
-            }
-            self.slots.append(Slot(index, sockets))
+    def open_sockets(self, inherited: upgrade.Inherited | None = None) -> None:
+        """Bind every listener once per slot; raises ListenError naming the address.
 
-    def create_shared_memory(self) -> None:
+        After an upgrade, a slot's socket the previous program left is taken as it is
+        (its accept queue included); only what it lacked is bound, and what is no
+        longer needed (fewer workers) is closed here, the old workers' copies
+        living on until they drain."""
+        given = inherited.sockets if inherited is not None else {}
+        used: set[int] = set()
+        for index in range(1, self.config.worker_count() + 1):
+            sockets = {}
+            for addr, listener in self.state.listeners.items():
+                fd = given.get(addr, {}).get(index)
+                if fd is not None:  # a copy: the original stays for a caretaker until booted
+                    sockets[addr] = socket.socket(fileno=os.dup(fd))
+                    used.add(fd)
+                else:
+                    sockets[addr] = open_listening_socket(listener.addr)
+            self.slots.append(Slot(index, sockets, cell=index - 1))
+
+    def create_shared_memory(self, inherited: upgrade.Inherited | None = None) -> None:
         """Create the limits table every worker maps, with rows to spare for listeners
-        added at runtime and cells to spare for an upgrade's overlapping workers."""
+        added at runtime and cells to spare for an upgrade's overlapping workers.
+
+        After an upgrade, the previous table is kept when it has the cells: the old
+        workers go on counting in theirs, and the new ones get other cells, so a
+        limit stays exact while both serve."""
+        workers = self.config.worker_count()
+        if inherited is not None and inherited.shm_fd is not None:
+            shared = limits.attach(os.dup(inherited.shm_fd))
+            held = {w.cell for w in inherited.workers}
+            free = [c for c in range(shared.limits.layout.slots) if c not in held]
+            missing = [a for a in self.state.listeners if a not in shared.limits.listener_index]
+            rows_ok = all(shared.limits.add_listener(a) is not None for a in missing)
+            if len(free) >= workers and rows_ok:
+                self.shared = shared
+                for slot, cell in zip(self.slots, free, strict=False):
+                    slot.cell = cell
+                return
+            log.warning(
+                "upgrade: the shared counters have no room for %d more workers; limits"
+                " count afresh, without the old workers' connections, until they exit",
+                workers,
+            )
+            shared.close()
+            for w in inherited.workers:
+                w.cell = -1  # their cells are in the old table: nothing to release
         self.shared = limits.create(
             sorted(self.state.listeners),
-            cell_columns(self.config.worker_count()),
+            cell_columns(workers),
             rows=len(self.state.listeners) + SPARE_LISTENER_ROWS,
+        )
+        for slot in self.slots:
+            slot.cell = slot.index - 1
+
+    def adopt(self, inherited: upgrade.Inherited) -> None:
+        """Track the previous program's workers: they serve until ours are up."""
+        self.started_at = inherited.started_at or self.started_at
+        if inherited.generation > self.state.generation:
+            self.state = replace(self.state, generation=inherited.generation)
+        for w in inherited.workers:
+            channel = socket.socket(fileno=os.dup(w.fd))
+            channel.setblocking(False)
+            self.retiring.append(RetiringWorker(w.pid, w.slot, w.cell, channel))
+            self.selector.register(channel, selectors.EVENT_READ, self._on_retiring_ready)
+        log.info(
+            "upgrade: adopted %d workers of the previous program (pids %s)",
+            len(self.retiring),
+            ", ".join(str(w.pid) for w in self.retiring) or "none",
         )
 
     def start_health_checks(self) -> None:
@@ -201,7 +281,7 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -217,16 +297,22 @@ class Supervisor:
             while not self.stopping:
                 self.wait(self._next_timeout())
                 self.handle_signals()
-                self.handle_requests()
+                if not self.retiring or self.retire_signalled_at is not None:
+                    self.handle_requests()  # not while the old workers still accept
                 self.handle_health()
                 self.reap()
                 self.expire_pending()
                 self.kill_unresponsive()
                 if not self.stopping:
                     self.fill_slots()
+                self.retire_old_workers()
                 self.publish_status()
+                if self.upgrade_requested and not self.stopping:
+                    self.upgrade_in_place()
         except Halt as halt:
             log.error("%s", halt)
+            if self.retiring and self.retire_signalled_at is None:
+                raise UpgradeFailed(str(halt), self.hand_over_retiring()) from None
             self.stop()
             return 1
         self.stop()
@@ -256,9 +342,14 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 self.stopping = True
+            elif signum == signal.SIGUSR2:
+                log.info("received SIGUSR2: upgrade in place once pending changes settle")
+                self.upgrade_requested = True
             elif signum == signal.SIGHUP:
                 # A habit from other proxies; dying on it would take the service down.
-                log.warning("SIGHUP ignored: routes change through the admin API, not a reload")
+                log.warning(
+                    "SIGHUP ignored: routes change through the admin API; SIGUSR2 upgrades in place"
+                )
             # SIGCHLD only wakes the loop; reap() runs on every turn anyway.
 
     # --- worker lifecycle -----------------------------------------------------------
@@ -299,6 +390,7 @@ class Supervisor:
             rate_window=self.config.firewall.rate_window,
             shm_fd=shm_fd,
             metrics_dir=self.metrics_dir,
+            cell=slot.cell if slot.cell >= 0 else None,
         )
         self._send(worker, boot)
         self._send_encoded(worker, self._snapshot_frame())
@@ -396,6 +488,8 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self._reap_retiring(pid, status):
+                continue
             slot = next(
                 (s for s in self.slots if s.worker is not None and s.worker.pid == pid), None
             )
@@ -406,7 +500,7 @@ class Supervisor:
             self._forget(slot)
             self._release_connections(slot)
             code = worker.process.returncode
-            if code == BOOT_ERROR and not self.stopping:
+            if code == pipe.BOOT_ERROR and not self.stopping:
                 raise Halt(f"worker {slot.index} could not boot (exit {code}); stopping")
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %s", slot.index, pid, code)
@@ -424,6 +518,140 @@ class Supervisor:
                 lived,
                 delay,
             )
+
+    # --- upgrade in place (ARCHITECTURE.md, "Upgrade in place") ------------------------
+
+    def upgrade_in_place(self) -> None:
+        """SIGUSR2: check the config as ``mc-proxy check`` does; if it is good, re-exec
+        ``mc-proxy serve`` keeping the PID, the sockets, the counters and the workers.
+        Waits (one loop turn at a time) for pending changes and queued frames first."""
+        if self.pending or any(s.worker and s.worker.outbox for s in self.slots):
+            return
+        self.upgrade_requested = False
+        try:
+            load_config(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("SIGUSR2 ignored, nothing changes: %s", problem)
+            return
+        except OSError as exc:
+            log.error("SIGUSR2 ignored, nothing changes: %s: %s", self.config.path, exc)
+            return
+        inherited = upgrade.Inherited(
+            sockets={},
+            shm_fd=self.shared.fd if self.shared is not None else None,
+            workers=[
+                upgrade.InheritedWorker(w.pid, w.slot, w.cell, w.channel.fileno())
+                for w in self.retiring
+            ],
+            started_at=self.started_at,
+            generation=self.state.generation,
+        )
+        for slot in self.slots:
+            for addr, sock in slot.sockets.items():
+                inherited.sockets.setdefault(addr, {})[slot.index] = sock.fileno()
+            if slot.worker is not None:
+                inherited.workers.append(
+                    upgrade.InheritedWorker(
+                        slot.worker.pid,
+                        slot.index,
+                        slot.cell if slot.cell >= 0 else slot.index - 1,
+                        slot.worker.channel.fileno(),
+                    )
+                )
+        if self.exec_hooks is not None:
+            self.exec_hooks[0]()
+        try:
+            upgrade.exec_serve(inherited)
+        except OSError as exc:
+            log.error("upgrade: exec failed (%s); carrying on unchanged", exc)
+            if self.exec_hooks is not None:
+                self.exec_hooks[1]()
+
+    def retire_old_workers(self) -> None:
+        """Once every slot has a new worker serving the current state, tell the previous
+        program's workers to stop accepting and drain; kill what outlives the drain."""
+        if not self.retiring:
+            return
+        now = time.monotonic()
+        if self.retire_signalled_at is None:
+            ready = all(
+                s.worker is not None and s.worker.generation >= self.state.generation
+                for s in self.slots
+            )
+            if not ready and not self.stopping:
+                return
+            log.info(
+                "upgrade: new workers serving; %d old workers stop accepting and drain",
+                len(self.retiring),
+            )
+            self.retire_signalled_at = now
+            for worker in self.retiring:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+        elif now - self.retire_signalled_at > self.config.proxy.shutdown_timeout + 5.0:
+            for worker in self.retiring:
+                log.warning("upgrade: old worker pid %d outlived its drain; killing it", worker.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            self.retire_signalled_at = now  # again after another drain period, if need be
+
+    def _reap_retiring(self, pid: int, status: int) -> bool:
+        worker = next((w for w in self.retiring if w.pid == pid), None)
+        if worker is None:
+            return False
+        self.retiring.remove(worker)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(worker.channel)
+        worker.channel.close()
+        if self.shared is not None and worker.cell >= 0:
+            self.shared.limits.clear_slot(worker.cell)
+        log.info(
+            "upgrade: old worker %d (pid %d) exited with %s; %d left",
+            worker.slot,
+            pid,
+            os.waitstatus_to_exitcode(status),
+            len(self.retiring),
+        )
+        for callback in self.on_worker_exit:
+            callback(pid)
+        return True
+
+    def _on_retiring_ready(self, sock: object, events: int = selectors.EVENT_READ) -> None:
+        """Old workers' heartbeats are not needed (the new ones report): discard them. The
+        previous program may have stopped reading mid-frame, so they are not decoded."""
+        assert isinstance(sock, socket.socket)
+        try:
+            data = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+
+    def hand_over_retiring(self) -> upgrade.Inherited:
+        """After a failed upgrade boot: stop our own workers, and hand the old ones (with
+        the sockets and counters) to the caretaker, which keeps them serving."""
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._kill(slot.worker, signal.SIGKILL)
+        inherited = upgrade.Inherited(
+            sockets={},
+            shm_fd=self.shared.fd if self.shared is not None else None,
+            workers=[
+                upgrade.InheritedWorker(w.pid, w.slot, w.cell, w.channel.detach())
+                for w in self.retiring
+            ],
+            started_at=self.started_at,
+            generation=self.state.generation,
+        )
+        for slot in self.slots:
+            for addr, sock in slot.sockets.items():
+                inherited.sockets.setdefault(addr, {})[slot.index] = sock.detach()
+        self.retiring.clear()
+        return inherited
 
     def _forget(self, slot: Slot) -> None:
         worker = slot.worker
@@ -444,7 +672,7 @@ class Supervisor:
         new worker takes the slot (reap() runs before fill_slots() on every turn)."""
         if self.shared is None:
             return
-        freed = self.shared.limits.clear_slot(slot.index - 1)
+        freed = self.shared.limits.clear_slot(slot.cell if slot.cell >= 0 else slot.index - 1)
         if freed:
             log.info("worker %d: released %d connection slots it held", slot.index, freed)
 
@@ -703,8 +931,13 @@ class Supervisor:
         live = [s.worker for s in self.slots if s.worker is not None]
         for worker in live:
             self._kill(worker, signal.SIGTERM)
+        for old in self.retiring:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.proxy.shutdown_timeout + 5.0
-        while any(s.worker is not None for s in self.slots) and time.monotonic() < deadline:
+        while (
+            any(s.worker is not None for s in self.slots) or self.retiring
+        ) and time.monotonic() < deadline:
             self.wait(0.1)
             self.reap()
             if len(self.signals) and signal.SIGINT in self.signals:
@@ -716,6 +949,10 @@ class Supervisor:
                 self._kill(slot.worker, signal.SIGKILL)
                 slot.worker.process.wait()
                 self._forget(slot)
+        for old in self.retiring:
+            log.warning("old worker pid %d did not stop in time; killing it", old.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGKILL)
         for pending in self.pending:
             pending.future.set_exception(Stopping("mc-proxy stopped before every worker acked"))
         self.pending.clear()

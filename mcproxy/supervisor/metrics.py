@@ -151,8 +151,9 @@ class MetricsDirectory:
 
 
 class SupervisorCollector:
-    """What the supervisor knows itself; read from its loop's objects without locking
-    (each value is one attribute read, and a scrape may be a loop turn behind).
+    """What the supervisor knows itself, from values its loop publishes whole (the
+    state, the ``samples`` tuple, counters): no lock, never the loop's live slot
+    table, and a scrape may be a loop turn behind.
 
     Open connections per listener are the workers' ``livesum`` gauge, not the
     shared-memory counters: those count admitted connections only, the gauge
@@ -179,11 +180,10 @@ class SupervisorCollector:
             labels=["slot"],
         )
         running = 0
-        for slot in sup.slots:
-            worker = slot.worker
-            if worker is not None:
+        for sample in sup.samples:  # published by the loop each turn, never mutated
+            if sample.pid:
                 running += 1
-                per_worker.add_metric([str(slot.index)], worker.generation)
+                per_worker.add_metric([str(sample.slot)], sample.generation)
         yield per_worker
         yield GaugeMetricFamily("mcproxy_workers", "Worker processes alive.", value=running)
         limit = GaugeMetricFamily(
@@ -295,7 +295,9 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | None:
+def start_metrics(
+    config: Config, supervisor: Supervisor, wipe: bool = True
+) -> MetricsEndpoint | None:
     """Wire metrics into the supervisor before any worker starts, or do nothing if the
     config has no ``metrics:``. Raises ListenError when the address cannot be bound and
     MetricsError when the directory cannot be prepared."""
@@ -303,7 +305,8 @@ def start_metrics(config: Config, supervisor: Supervisor) -> MetricsEndpoint | N
         return None
     directory = MetricsDirectory(directory_for(config))
     try:
-        directory.wipe()
+        if wipe:  # not after an upgrade: the old workers' files are live
+            directory.wipe()
     except OSError as exc:
         raise MetricsError(f"cannot prepare the metrics directory {directory.path}: {exc}") from exc
     registry = CollectorRegistry()

@@ -25,6 +25,7 @@ import sys
 
 from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.pipe import BOOT_ERROR
 from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
 from mcproxy.worker.balance import SharedCounts
@@ -34,7 +35,6 @@ from mcproxy.worker.listener import Admission, ConnectionServer
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
 
-BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
 
 log = logging.getLogger("mcproxy.worker")
@@ -141,7 +141,8 @@ class Worker:
         shared: limits.SharedLimits | None = None
         if boot.shm_fd is not None:
             shared = limits.attach(boot.shm_fd).limits
-            admission = SharedAdmission(shared, boot.slot, boot.rate_limit, boot.rate_window)
+            column = boot.cell + 1 if boot.cell is not None else boot.slot
+            admission = SharedAdmission(shared, column, boot.rate_limit, boot.rate_window)
         if boot.geoip_db is not None:
             self.geoip = GeoIP(boot.geoip_db)
         country_of = self.geoip.country if self.geoip is not None else None
@@ -150,7 +151,8 @@ class Worker:
         )
         self.server.balancer.offset(boot.slot)
         if shared is not None:
-            self.server.balancer.counts = SharedCounts(shared, boot.slot - 1)
+            cell = boot.cell if boot.cell is not None else boot.slot - 1
+            self.server.balancer.counts = SharedCounts(shared, cell)
         L7Proxy(self.server).install()
         if boot.metrics_dir is not None:
             from mcproxy.worker.metrics import WorkerMetrics, require_multiprocess_mode

@@ -340,6 +340,13 @@ def test_invalid_file_names_each_field_and_changes_nothing(node: Node) -> None:
     assert node.generation() == before
     dry = node.ctl("apply", "-f", str(bad), "--dry-run")
     assert dry.returncode == 1 and "listeners[0].routes[0].mode:" in dry.stderr
+    valid = yaml.safe_load(node.ctl_ok("export"))
+    valid["listeners"].append({"addr": f"127.0.0.1:{free_port()}", "routes": []})
+    more = node.dir / "more.yaml"
+    more.write_text(yaml.safe_dump(valid, sort_keys=False))
+    refused = node.ctl("apply", "-f", str(more))  # this build binds no listener at runtime
+    assert refused.returncode == 1
+    assert "FAILED_PRECONDITION" in refused.stderr and "listeners[1].addr:" in refused.stderr
     missing = node.ctl("apply", "-f", str(node.dir / "missing.yaml"))
     assert missing.returncode == 1
     assert node.generation() == before
