@@ -40,6 +40,7 @@ from mcproxy.model import (
     Route,
     make_state,
 )
+from mcproxy.settings import ProxyTimeouts
 
 __all__ = [
     "Config",
@@ -59,16 +60,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyTimeouts:
-    """Seconds."""
-
-    connect_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

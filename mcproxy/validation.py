@@ -389,7 +389,7 @@ def server_name(text: str) -> str:
 
 
 def _trust_problems(route: Route) -> list[tuple[str, str]]:
-    """The L7 backend-trust and client-certificate fields (DESIGN.md, second batch)."""
+    """The L7 backend-trust and client-certificate fields."""
     problems: list[tuple[str, str]] = []
     needs_tls = "only with backend_tls: true (the backend leg is cleartext otherwise)"
     for name, value in (

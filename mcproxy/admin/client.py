@@ -30,7 +30,7 @@ from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.model import FirewallRules, L7Policy, Route
 from mcproxy.statefile import PlannedChange
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = [
     "DEFAULT_SOCKET",

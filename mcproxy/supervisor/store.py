@@ -90,7 +90,7 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (route_id, kind, value)
     );
     """,
-    # 2: the second batch's route fields (DESIGN.md, "Second batch"). `backends`
+    # 2: the later route fields (backends, balance, health check, trust). `backends`
     # is a JSON list of addresses, the route's whole backend list; `backend`
     # keeps the first of them, so the column stays meaningful and NOT NULL.
     # A NULL health_kind means no health check.
