@@ -152,6 +152,7 @@ class _Session:
             backend_protocol=protocol.value if protocol is not None else None,
             websocket=protocol is BackendProtocol.H1 and exchange.method == "CONNECT",
             backend=backend,
+            failed_backends=failed,
         )
         extra = f" proto={request.backend_protocol}" if request.backend_protocol else ""
         if request.websocket:
