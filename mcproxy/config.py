@@ -47,9 +47,11 @@ __all__ = [
     "FirewallSettings",
     "MetricsConfig",
     "ProxyTimeouts",
+    "config_from_data",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_yaml",
 ]
 
 
@@ -154,10 +156,20 @@ def parse_config(text: str, path: str, *, state_only: bool = False) -> Config:
     (``mcproxyctl apply``), whose own process settings stand: a country rule
     then does not need ``firewall.geoip_db`` in the file.
     """
+    return config_from_data(parse_yaml(text, path), path, state_only=state_only)
+
+
+def parse_yaml(text: str, path: str) -> object:
+    """The document as plain data, with the loader's strictness (duplicate keys are errors)."""
     try:
         data: object = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: {_yaml_reason(exc)}"]) from None
+    return data
+
+
+def config_from_data(data: object, path: str, *, state_only: bool = False) -> Config:
+    """:func:`parse_config` on a document :func:`parse_yaml` already read."""
     reader = _Reader(path, state_only=state_only)
     config = reader.config(data)
     if reader.problems:
