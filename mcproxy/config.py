@@ -42,6 +42,7 @@ from mcproxy.model import (
     Route,
     make_state,
 )
+from mcproxy.settings import DEFAULT_ADMIN_SOCKET, ProxyTimeouts
 
 __all__ = [
     "Config",
@@ -67,16 +68,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class ProxyTimeouts:
-    """Seconds."""
-
-    connect_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    shutdown_timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     addr: Address
     path: str = "/metrics"
@@ -98,7 +89,7 @@ class Config:
     workers: int = 0
     """0 = one per CPU core; see :meth:`worker_count`."""
     database_path: str = "/srv/mc-proxy/mc-proxy.db"
-    admin_socket: str = "/srv/mc-proxy/admin.sock"
+    admin_socket: str = DEFAULT_ADMIN_SOCKET
     metrics: MetricsConfig | None = None
     proxy: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     firewall: FirewallSettings = field(default_factory=FirewallSettings)

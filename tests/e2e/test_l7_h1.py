@@ -360,6 +360,8 @@ def test_a_backend_failing_verification_gives_502_with_the_reason_logged(app: Ap
 def test_a_backend_wanting_a_client_certificate_refuses_a_proxy_without_one(app: App) -> None:
     status, _ = app.curl("/headers", host="nocert.test")
     assert status == 502
+    wait_for(lambda: "route=nocert.test" in app.log(), 5, "the access log")
+    assert "Traceback" not in app.log()
 
 
 def _client_cert(app: App, name: str) -> tuple[Path, Path]:
@@ -569,3 +571,27 @@ def test_headless_chromium_fetches_opens_a_websocket_and_reads_sse(
         "ws_close": 1000,
         "sse": ["event 0", "event 1", "event 2"],
     }, seen
+
+
+def test_an_h1_route_with_trust_added_through_the_admin_api_is_live_at_once(app: App) -> None:
+    """``mcproxyctl routes add --backend-protocol h1`` with the trust flags: served at once."""
+    assert app.proxy is not None
+    directory = app.directory / "live"
+    directory.mkdir()
+    cert, key = issue(app.ca, "live.test", directory)
+    proxy_cert, proxy_key = issue_client(app.ca, "mc-proxy", directory)
+    secure = next(
+        r["backend"]
+        for r in app.proxy.config["listeners"][0]["routes"]
+        if r["hostname"] == "secure.test"
+    )
+    app.proxy.ctl_json(
+        "routes", "add", "--listener", f"127.0.0.1:{app.port}", "--hostname", "live.test",
+        "--backend", secure, "--mode", "l7", "--tls-cert", str(cert), "--tls-key", str(key),
+        "--backend-protocol", "h1", "--backend-tls", "--backend-ca", str(app.ca_file),
+        "--backend-server-name", "backend.test", "--backend-client-cert", str(proxy_cert),
+        "--backend-client-key", str(proxy_key),
+    )  # fmt: skip
+    for flag in ("--http1.1", "--http2"):  # both workers have it when the command returns
+        seen = app.seen(flag, host="live.test")
+        assert seen["version"] == "1.1" and seen["client_subject"] == {"commonName": "mc-proxy"}

@@ -27,7 +27,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
-from hyperframe.frame import DataFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from mcproxy.worker.l7.frames import GoAwayFilter
 from tests.certs import CA, issue, make_ca
@@ -485,3 +492,41 @@ def test_diluted_rapid_reset_is_cut(stack: Stack, good: GoodClient) -> None:
         wait_for(lambda: "client reset" in stack.proxy.log(), 10, "the rapid reset guard")
     finally:
         client.close()
+
+
+def test_a_trickled_http2_head_costs_the_connection(stack: Stack, good: GoodClient) -> None:
+    client = H2Client(stack, ATTACK)
+    try:
+        sid = client.request("/headers")  # the SETTINGS exchange is over (and ACKed)
+        assert client.response(sid)[0] == 200
+        block = client.conn.encoder.encode(
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", ATTACK.encode()),
+                (b":path", b"/attack/h2-trickle"),
+            ]
+        )
+        # HEADERS without END_HEADERS, then its CONTINUATION a byte at a time. Nothing else
+        # may be sent meanwhile (RFC 9113 6.10), so what arrives is read raw.
+        client.send_raw(HeadersFrame(3, data=block[:4], flags=["END_STREAM"]).serialize())
+        rest = ContinuationFrame(3, data=block[4:], flags=["END_HEADERS"]).serialize()
+        started = time.monotonic()
+        closed = False
+        for byte in rest[:-1]:
+            client.send_raw(bytes([byte]))
+            client.tls.settimeout(0.3)
+            try:
+                closed = not client.tls.recv(65536)
+            except (TimeoutError, ssl.SSLWantReadError):
+                continue
+            except OSError:
+                closed = True
+            if closed or time.monotonic() - started > HEAD_TIMEOUT * 5:
+                break
+        elapsed = time.monotonic() - started
+        assert closed
+        assert HEAD_TIMEOUT * 0.8 <= elapsed <= HEAD_TIMEOUT * 4, elapsed
+    finally:
+        client.close()
+    assert not _reached(stack, "/attack/h2-trickle")

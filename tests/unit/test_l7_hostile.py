@@ -381,6 +381,25 @@ def test_rst_stream_flood_on_closed_streams_costs_the_connection() -> None:
     _flood([frame.serialize()] * (GLITCH_BUDGET + 10))
 
 
+def test_continuation_floods_across_header_blocks_cost_the_connection() -> None:
+    world = HostileWorld()
+    client = world.h2()
+    client.move()
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"web.test")]
+    frames = []
+    for k in range(60):
+        # Each block cut into 1-byte CONTINUATIONs: fewer than h2's 64 per block, many in all.
+        block = client.conn.encoder.encode([*headers, (b":path", b"/%d" % k + b"x" * 20)])
+        sid = 2 * k + 1
+        frames.append(HeadersFrame(sid, data=block[:1], flags=["END_STREAM"]).serialize())
+        for i in range(1, len(block)):
+            flags = ["END_HEADERS"] if i == len(block) - 1 else []
+            frames.append(ContinuationFrame(sid, data=block[i : i + 1], flags=flags).serialize())
+    client.leg.receive_data(b"".join(frames))
+    assert client.leg.outcome == "abuse"
+    assert world.backend_requests() == 0
+
+
 def test_the_budget_refills_with_time_and_with_data_sent() -> None:
     clock = Clock()
     budget = Budget(3, 1.0, clock)

@@ -204,3 +204,15 @@ def test_a_backend_outside_the_route_ca_fails_verification(tmp_path: Path, ca: C
     client = TlsSession(context, server_side=False, server_hostname="backend.test")
     with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
         _handshake(client, server)
+
+
+def test_a_tls_error_after_the_handshake_ends_the_session_without_raising(
+    tmp_path: Path, ca: CA
+) -> None:
+    cert, key = issue(ca, "web.test", tmp_path)
+    client = _client(ca, ["http/1.1"])
+    server = TlsSession(server_context(str(cert), str(key)), server_side=True)
+    _handshake(client, server)
+    server.receive(b"\x17\x03\x03\x00\x10" + b"\x00" * 16)  # a record that does not decrypt
+    assert server.read() == b""
+    assert server.closed and server.error is not None and server.error.startswith("TLS: ")

@@ -46,11 +46,12 @@ import logging
 import os
 
 import h11
-from h2.errors import ErrorCodes
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
+from mcproxy.worker.l7.h2lib import ErrorCodes
 from mcproxy.worker.l7.headers import Headers, end_to_end
 from mcproxy.worker.l7.pool import BackendPool, ConnState, PooledConnection
+from mcproxy.worker.l7.tls import TlsSession
 
 __all__ = [
     "IDEMPOTENT",
@@ -143,6 +144,8 @@ class H1Back(PooledConnection):
         self._out: list[bytes] = []
         self._reading_paused = False
         self._resume_scheduled = False
+        self.tls: TlsSession | None = None
+        """The connection's TLS, when it has one: a TLS error names the cause of an EOF."""
 
     head_deadline: float | None = None
     """A backend sends no request heads (the channel asks every leg)."""
@@ -427,6 +430,8 @@ class H1Back(PooledConnection):
                 exchange.backend_reset(ErrorCodes.NO_ERROR)
 
     def _peer_closed(self, detail: str, protocol_error: bool = False) -> None:
+        if self.tls is not None and self.tls.error:
+            detail = f"{detail} ({self.tls.error})"
         exchange = self.exchange
         self.closed = True
         self.failure = detail

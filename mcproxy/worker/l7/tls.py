@@ -12,6 +12,7 @@ The same class speaks to TLS backends, on the client side.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import ssl
 
@@ -29,6 +30,8 @@ ALPN_HTTP1 = "http/1.1"
 BACKEND_CA_ENV = "MCPROXY_BACKEND_CA"
 """A PEM file of extra CAs trusted for ``backend_tls`` (beside the system store)."""
 _READ_SIZE = 256 * 1024
+
+log = logging.getLogger("mcproxy.l7")
 
 
 def server_context(cert_path: str, key_path: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -91,7 +94,7 @@ def backend_context(
 class TlsSession:
     """One TLS connection without a socket: bytes in, plaintext out, bytes to send."""
 
-    __slots__ = ("_incoming", "_obj", "_outgoing", "closed")
+    __slots__ = ("_incoming", "_obj", "_outgoing", "closed", "error")
 
     def __init__(
         self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None
@@ -102,7 +105,9 @@ class TlsSession:
             self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
         self.closed = False
-        """True once the peer's close_notify (or EOF) was read."""
+        """True once the peer's close_notify (or EOF, or a TLS error) was read."""
+        self.error: str | None = None
+        """What ended the connection, when it was a TLS error after the handshake."""
 
     def receive(self, data: bytes) -> None:
         """Bytes from the peer; ``b""`` means EOF."""
@@ -129,6 +134,13 @@ class TlsSession:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 self.closed = True
+                break
+            except ssl.SSLError as exc:
+                # An alert after the handshake (a TLS 1.3 backend refusing our client
+                # certificate, a corrupt record): the end of this connection, not a bug.
+                self.closed = True
+                self.error = f"TLS: {exc.reason or exc}"
+                log.info("TLS connection ended by an error: %s", exc)
                 break
             if not chunk:
                 self.closed = True

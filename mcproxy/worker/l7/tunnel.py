@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from h2.errors import ErrorCodes
-
 from mcproxy.worker.l7.bridge import Exchange, LegIO
+from mcproxy.worker.l7.h2lib import ErrorCodes
 from mcproxy.worker.l7.headers import Headers
 
 __all__ = [
