@@ -40,7 +40,7 @@ from mcproxy.model import (
     Route,
     make_state,
 )
-from mcproxy.settings import ProxyTimeouts
+from mcproxy.settings import DEFAULT_ADMIN_SOCKET, ProxyTimeouts
 
 __all__ = [
     "Config",
@@ -84,7 +84,7 @@ class Config:
     workers: int = 0
     """0 = one per CPU core; see :meth:`worker_count`."""
     database_path: str = "/srv/mc-proxy/mc-proxy.db"
-    admin_socket: str = "/srv/mc-proxy/admin.sock"
+    admin_socket: str = DEFAULT_ADMIN_SOCKET
     metrics: MetricsConfig | None = None
     proxy: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     firewall: FirewallSettings = field(default_factory=FirewallSettings)
