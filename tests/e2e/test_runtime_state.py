@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import yaml
 
@@ -181,6 +182,39 @@ def test_l7_wildcard_route_serves_its_certificate(tmp_path: Path, ca: CA) -> Non
         for _ in range(4):  # both workers
             assert served_names("Shop.App.Test") == ["*.app.test"]
             assert served_names("api.app.test") == ["api.app.test"]
+
+        # A keep-alive connection routed by the wildcard: once a more specific route
+        # exists for its SNI, its next request is misdirected (421), and a new
+        # connection gets the new route's certificate.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = client_context(ca.pem, ["http/1.1"])
+        with ctx.wrap_socket(raw, server_hostname="shop.app.test") as tls:
+            conn = h11.Connection(h11.CLIENT)
+
+            def status() -> int:
+                request = h11.Request(
+                    method="GET", target="/headers", headers=[("Host", "shop.app.test")]
+                )
+                tls.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
+                code = 0
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(tls.recv(65536))
+                    elif isinstance(event, h11.Response):
+                        code = event.status_code
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                            conn.start_next_cycle()
+                        return code
+
+            assert status() == 200
+            shop_cert, shop_key = issue(ca, "shop.app.test", tmp_path)
+            with AdminClient(str(tmp_path / "admin.sock"), timeout=30) as admin:
+                admin.add_route(f"127.0.0.1:{port}", "shop.app.test", backend.addr, mode="l7",
+                                tls_cert=str(shop_cert), tls_key=str(shop_key))  # fmt: skip
+            assert status() == 421
+        assert served_names("shop.app.test") == ["shop.app.test"]
     finally:
         proxy.stop()
         backend.close()
