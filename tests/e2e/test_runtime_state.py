@@ -295,7 +295,24 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
     assert _spread(node, "alpha.test", 6) == {"alpha.test"}
     assert _spread(node, "x.wild.test", 4) == {"star.wild.test"}
 
-    applied = node.ctl_json("apply", "-f", str(edited))
+    # While the apply replaces alpha.test's route, new connections to it never fail.
+    stop, answers, failures = threading.Event(), set(), []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answers.add(node.ask("alpha.test"))
+            except Exception as exc:
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        applied = node.ctl_json("apply", "-f", str(edited))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == [] and answers <= {"alpha.test", "beta.test"}
     assert applied["changed"] is True and applied["generation"] == before + 1
     assert {(c["action"], c["kind"], c["name"]) for c in applied["changes"]} == {
         ("update", "route", "alpha.test"),
