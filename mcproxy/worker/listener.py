@@ -247,13 +247,15 @@ class ConnectionServer:
         family, _, _, _, sockaddr = infos[0]
         return family, (str(sockaddr[0]), int(sockaddr[1]))
 
-    async def dial(self, backend: Address) -> socket.socket:
+    async def dial(self, backend: Address, *, bounded: bool = True) -> socket.socket:
         """Connect to a backend within ``connect_timeout``; raises OSError or TimeoutError.
 
+        ``bounded=False``: no deadline of its own, the caller has one (the L7 backend
+        pool's ``connect_timeout``, which covers TLS and SETTINGS too).
         The connect is done here rather than by ``loop.sock_connect``, which in uvloop
         resolves even an IP literal through a thread pool on every call.
         """
-        async with asyncio.timeout(self.timeouts.connect_timeout):
+        async with asyncio.timeout(self.timeouts.connect_timeout if bounded else None):
             family, address = await self.resolve(backend)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
