@@ -183,7 +183,7 @@ def normalize_hostname(name: str) -> str | None:
 def normalize_route_hostname(name: str) -> str | None:
     """A route's hostname in stored (lower-case) form, or None when it is not one.
 
-    Three forms (DESIGN.md, "Hostnames"): an exact DNS name; a wildcard
+    Three forms (ARCHITECTURE.md, "Routing"): an exact DNS name; a wildcard
     ``*.example.com``, whose ``*`` stands for exactly one label; ``"*"``, the
     listener's catch-all. A ``*`` anywhere else (``a.*.com``, ``*a.com``) is
     refused. The config loader, :mod:`mcproxy.validation` and the admin API
@@ -226,8 +226,8 @@ class Route:
     """One hostname's routing on a listener.
 
     ``backends`` holds one address or more (``backend`` is the first, for code
-    that knows only one). The fields after ``policies`` are the second batch's
-    (DESIGN.md); each default keeps the first batch's behaviour. Which fields a
+    that knows only one). The fields after ``policies`` came later; each default
+    keeps the behaviour of a route without them. Which fields a
     mode allows is :func:`mcproxy.validation.route_problems`'s call.
     """
 

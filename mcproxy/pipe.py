@@ -36,13 +36,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mcproxy import config, health, model
-from mcproxy.config import ProxyTimeouts
+from mcproxy import health, model, settings
 from mcproxy.health import Verdict
 from mcproxy.model import Change, ProxyState
+from mcproxy.settings import ProxyTimeouts
 
 __all__ = [
     "ALLOWED",
+    "BOOT_ERROR",
     "MAX_FDS",
     "MAX_FRAME_BYTES",
     "Ack",
@@ -58,6 +59,10 @@ __all__ = [
     "encode",
     "recv_with_fds",
 ]
+
+BOOT_ERROR = 3
+"""A worker's exit status when it fails before its first snapshot: the supervisor
+halts instead of respawning it (a respawn would fail the same way)."""
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 """A snapshot of 10,000 routes is a few MB; this only stops a corrupt length
@@ -349,7 +354,7 @@ def recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 
 ALLOWED.update(
     {
-        **_value_types(model, config, health, sys.modules[__name__]),
+        **_value_types(model, settings, health, sys.modules[__name__]),
         ("mcproxy.model", "RouteTable"): model.RouteTable,
         **{("builtins", t.__name__): t for t in (frozenset, set, dict, tuple, list)},
     }

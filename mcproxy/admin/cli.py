@@ -35,7 +35,7 @@ from mcproxy.admin.client import (
 )
 from mcproxy.config import parse_duration
 from mcproxy.model import BackendProtocol, Balance, FirewallRuleKind, FirewallRules, L7Policy, Route
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 
 __all__ = ["main"]
 
@@ -228,7 +228,40 @@ def cmd_status(client: AdminClient, args: argparse.Namespace) -> object:
         ]
         headers = ("LISTENER", "ROUTES", "CONNECTIONS", "MAX_CONNECTIONS", "PROXY_PROTOCOL")
         print(table(headers, listeners))
-    return status_json(status)
+    balanced = [r for r in client.list_routes() if _balanced(r)]
+    if not args.json and balanced:
+        rows = [
+            (
+                r.listener,
+                r.route.hostname,
+                b.address,
+                "up" if b.up else "DOWN",
+                b.reason or ("-" if r.route.health_check is None else ""),
+            )
+            for r in balanced
+            for b in r.backend_states
+        ]
+        print()
+        print(table(("LISTENER", "ROUTE", "BACKEND", "STATE", "REASON"), rows))
+    return {**status_json(status), "backends": [backends_json(r) for r in balanced]}
+
+
+def _balanced(listed: ListedRoute) -> bool:
+    """A route whose backends are worth a status line: several, or health-checked."""
+    return len(listed.route.backends) > 1 or listed.route.health_check is not None
+
+
+def backends_json(listed: ListedRoute) -> dict[str, Any]:
+    """A route's backends and their health, for ``status --json``."""
+    return {
+        "listener": listed.listener,
+        "route": listed.route.hostname,
+        "balance": listed.route.balance.value,
+        "health_check": listed.route.health_check is not None,
+        "backends": [
+            {"address": b.address, "up": b.up, "reason": b.reason} for b in listed.backend_states
+        ],
+    }
 
 
 def cmd_routes_list(client: AdminClient, args: argparse.Namespace) -> object:

@@ -47,7 +47,7 @@ from mcproxy.model import (
     RouteUpdated,
     parse_address,
 )
-from mcproxy.supervisor.status import ListenerStatus, Status, WorkerStatus
+from mcproxy.status import ListenerStatus, Status, WorkerStatus
 
 __all__ = [
     "InvalidArgument",

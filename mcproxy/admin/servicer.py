@@ -28,8 +28,8 @@ from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.health import BackendState
 from mcproxy.model import Change, ProxyState, Route, StateError
+from mcproxy.status import Status
 from mcproxy.supervisor.manager import ACK_TIMEOUT, Stopping, WorkerNotAcknowledged
-from mcproxy.supervisor.status import Status
 
 __all__ = ["AdminBackend", "AdminServicer"]
 

@@ -48,7 +48,6 @@ from mcproxy.supervisor.health import HealthRunner
 from mcproxy.supervisor.sockets import ListenError, open_listening_socket
 from mcproxy.supervisor.status import HeartbeatCounts, Status, WorkerSample, build_status
 from mcproxy.supervisor.store import Store
-from mcproxy.worker.main import BOOT_ERROR
 
 __all__ = ["Halt", "Stopping", "Supervisor", "UpgradeFailed", "WorkerNotAcknowledged"]
 
@@ -501,7 +500,7 @@ class Supervisor:
             self._forget(slot)
             self._release_connections(slot)
             code = worker.process.returncode
-            if code == BOOT_ERROR and not self.stopping:
+            if code == pipe.BOOT_ERROR and not self.stopping:
                 raise Halt(f"worker {slot.index} could not boot (exit {code}); stopping")
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %s", slot.index, pid, code)

@@ -151,8 +151,9 @@ class MetricsDirectory:
 
 
 class SupervisorCollector:
-    """What the supervisor knows itself; read from its loop's objects without locking
-    (each value is one attribute read, and a scrape may be a loop turn behind).
+    """What the supervisor knows itself, from values its loop publishes whole (the
+    state, the ``samples`` tuple, counters): no lock, never the loop's live slot
+    table, and a scrape may be a loop turn behind.
 
     Open connections per listener are the workers' ``livesum`` gauge, not the
     shared-memory counters: those count admitted connections only, the gauge
@@ -179,11 +180,10 @@ class SupervisorCollector:
             labels=["slot"],
         )
         running = 0
-        for slot in sup.slots:
-            worker = slot.worker
-            if worker is not None:
+        for sample in sup.samples:  # published by the loop each turn, never mutated
+            if sample.pid:
                 running += 1
-                per_worker.add_metric([str(slot.index)], worker.generation)
+                per_worker.add_metric([str(sample.slot)], sample.generation)
         yield per_worker
         yield GaugeMetricFamily("mcproxy_workers", "Worker processes alive.", value=running)
         limit = GaugeMetricFamily(

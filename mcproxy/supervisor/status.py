@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mcproxy.model import ProxyState
+from mcproxy.status import ListenerStatus, Status, WorkerStatus
 
 __all__ = [
     "ConnectionCounts",
@@ -43,40 +44,6 @@ class WorkerSample:
     listener_connections: Mapping[str, int] = field(default_factory=dict)
     started: float = 0.0
     """time.monotonic() when the worker was started."""
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStatus:
-    slot: int
-    pid: int
-    """0 while the slot waits to respawn a worker that died."""
-    generation: int
-    active_connections: int
-    uptime_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerStatus:
-    address: str
-    routes: int
-    active_connections: int
-    """Across every worker."""
-    max_connections: int
-    """0 = unlimited."""
-    proxy_protocol: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    version: str
-    start_time: float
-    """Seconds since the epoch."""
-    uptime_seconds: float
-    generation: int
-    """The supervisor's configuration generation."""
-    worker_restarts: int
-    workers: tuple[WorkerStatus, ...]
-    listeners: tuple[ListenerStatus, ...]
 
 
 class ConnectionCounts(Protocol):

@@ -19,18 +19,20 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.health import route_targets
+from mcproxy.ip import canonical_ip
 from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.accesslog import AccessLog
 from mcproxy.worker.balance import Balancer
 from mcproxy.worker.clienthello import ClientHello
-from mcproxy.worker.connection import Connection, Endpoint
+from mcproxy.worker.connection import Connection, Endpoint, L7Handler
+from mcproxy.worker.deadlines import Deadlines
 from mcproxy.worker.errors import Reason, Refused
-from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
+from mcproxy.worker.firewall import CountryLookup, Firewall
 from mcproxy.worker.poller import Poller
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
@@ -57,17 +59,13 @@ class NoLimits:
         return None
 
 
-L7Handler = Callable[[socket.socket, bytes, ClientHello, ConnectionRecord], Awaitable[None]]
-"""Takes over a client socket whose ClientHello bytes were already read."""
-
-
 def _endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
     """``(ip, port)`` of a socket address, in the one form the firewall, logs and headers use.
 
     A dual-stack listener sees IPv4 clients as ``::ffff:a.b.c.d`` on both ends; unmapped,
     they match IPv4 firewall rules, log as IPv4 and go out in a TCP4 PROXY header.
     """
-    return client_ip(sockaddr[0]), int(sockaddr[1])
+    return canonical_ip(sockaddr[0]), int(sockaddr[1])
 
 
 class ConnectionServer:
@@ -102,6 +100,8 @@ class ConnectionServer:
         self.access_log = AccessLog()
         self.poller = Poller(loop)
         """Watches the proxied sockets (relays, handshakes); the loop watches the poller."""
+        self.deadlines = Deadlines(loop)
+        """The L4 connections' deadlines, on one loop timer."""
         self._listening: dict[str, socket.socket] = {}
         self._local: dict[str, tuple[str, int]] = {}
         self.balancer = Balancer(loop.time, route_targets)  # type: ignore[arg-type]
@@ -198,7 +198,27 @@ class ConnectionServer:
         if not self.connections:
             self._all_closed.set()
 
-    # --- helpers for the connections ----------------------------------------------
+    # --- what connections ask (connection.Host, session.Gate) ------------------------
+
+    def admit(self, listener: Listener, ip: str) -> Reason | None:
+        return self.firewall.check(ip) or self.admission.admit(listener, ip)
+
+    def release(self, listener: Listener) -> None:
+        self.admission.release(listener)
+
+    def next_backend(self, record: ConnectionRecord, route: Route) -> Address | None:
+        return self.balancer.choose(
+            record.listener, route, record.client_ip, record.failed_backends
+        )
+
+    def backend_failed(self, record: ConnectionRecord, route: Route, backend: Address) -> None:
+        self.balancer.dial_failed(record.listener, route, backend)
+
+    def backend_connected(self, route: Route, backend: Address) -> bool:
+        return self.balancer.connected(route, backend)
+
+    def backend_released(self, backend: Address) -> None:
+        self.balancer.released(backend)
 
     @staticmethod
     def endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
@@ -227,13 +247,15 @@ class ConnectionServer:
         family, _, _, _, sockaddr = infos[0]
         return family, (str(sockaddr[0]), int(sockaddr[1]))
 
-    async def dial(self, backend: Address) -> socket.socket:
+    async def dial(self, backend: Address, *, bounded: bool = True) -> socket.socket:
         """Connect to a backend within ``connect_timeout``; raises OSError or TimeoutError.
 
+        ``bounded=False``: no deadline of its own, the caller has one (the L7 backend
+        pool's ``connect_timeout``, which covers TLS and SETTINGS too).
         The connect is done here rather than by ``loop.sock_connect``, which in uvloop
         resolves even an IP literal through a thread pool on every call.
         """
-        async with asyncio.timeout(self.timeouts.connect_timeout):
+        async with asyncio.timeout(self.timeouts.connect_timeout if bounded else None):
             family, address = await self.resolve(backend)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:

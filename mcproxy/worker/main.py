@@ -25,6 +25,7 @@ import sys
 
 from mcproxy import limits, pipe
 from mcproxy.model import ProxyState, StateError, apply_change
+from mcproxy.pipe import BOOT_ERROR
 from mcproxy.worker.accesslog import WORKER_FORMAT
 from mcproxy.worker.admission import SharedAdmission
 from mcproxy.worker.balance import SharedCounts
@@ -34,7 +35,6 @@ from mcproxy.worker.listener import Admission, ConnectionServer
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT_INTERVAL", "main"]
 
-BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
 
 log = logging.getLogger("mcproxy.worker")

@@ -212,6 +212,19 @@ class WorkerMetrics:
             registry=r,
         )
 
+        self.backend_selected = Counter(
+            "mcproxy_backend_selected",
+            "Connections (l4) and requests (l7) sent to each backend of a route.",
+            ["listener", "route", "backend"],
+            registry=r,
+        )
+        self.backend_failures = Counter(
+            "mcproxy_backend_failures",
+            "Dials to a route's backend that failed or timed out (failed over, or not).",
+            ["listener", "route", "backend"],
+            registry=r,
+        )
+
     def _child(self, metric: _M, *labels: str) -> _M:
         """``metric.labels(*labels)``, remembered: the library's lookup takes a lock and
         validates every time, which is a third of the cost of a connection's updates."""
@@ -303,6 +316,17 @@ class WorkerMetrics:
         failure = _DIAL_FAILURES.get(record.outcome)
         if failure is not None:
             self._child(self.dial_failures, listener, route.hostname, failure).inc()
+        for failed in record.failed_backends:
+            self._child(self.backend_failures, listener, route.hostname, str(failed)).inc()
+        if record.backend is not None and route.mode.value == "l4":
+            if failure is not None:
+                self._child(
+                    self.backend_failures, listener, route.hostname, str(record.backend)
+                ).inc()
+            elif record.dial_seconds is not None:
+                self._child(
+                    self.backend_selected, listener, route.hostname, str(record.backend)
+                ).inc()
         if record.bytes_up:
             self._child(self.relayed, listener, route.hostname, "up").inc(record.bytes_up)
         if record.bytes_down:
@@ -316,6 +340,13 @@ class WorkerMetrics:
         if record.blocked_by is not None:
             policy = record.blocked_by if record.blocked_by in _POLICIES else "other"
             self._child(self.policy_blocks, listener, route, policy).inc()
+        for failed in record.failed_backends:
+            self._child(self.backend_failures, listener, route, str(failed)).inc()
+        if record.backend is not None:
+            # 502/504 from mc-proxy: that backend could not be reached either.
+            unreachable = record.status in (502, 504)
+            counter = self.backend_failures if unreachable else self.backend_selected
+            self._child(counter, listener, route, str(record.backend)).inc()
         if record.backend_protocol is not None:
             kind = "websocket" if record.websocket else "http"
             self._child(self.backend_requests, listener, route, record.backend_protocol, kind).inc()

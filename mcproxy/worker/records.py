@@ -77,6 +77,8 @@ class RequestRecord:
     """The policy kind that answered 403, if any."""
     backend: Address | None = None
     """The backend the request went to (the last one tried), None if answered locally."""
+    failed_backends: tuple[Address, ...] = ()
+    """Backends that could not take the request before ``backend`` (failover)."""
     backend_protocol: str | None = None
     """``h2`` or ``h1`` when the request was for a backend (None: answered before that)."""
     websocket: bool = False

@@ -16,12 +16,16 @@ socket inside the kernel, never copied into Python (less CPU per GB than
 ``recv_into`` + ``send``; ``bench/``, ``l4_bulk``). Short and idle connections never pay
 for the pipe (two more descriptors and its buffer).
 
-Half-close is passed through: EOF from one side becomes ``shutdown(SHUT_WR)``
-on the other once its pending bytes are written; when both sides have sent
-EOF the sockets are closed (the close carries the last FIN). A reset or error
-on either side resets both (SO_LINGER 0), so the peer sees what the proxy saw.
-The epoll set is level-triggered: an error that arrives behind data is
-reported again after the data is read, so a reset is never missed.
+The relay moves bytes and nothing else: what an end of stream or an error
+means is the :class:`~mcproxy.worker.session.Session`'s decision, reached
+through the connection. It reports an EOF once everything read before it was
+written (``on_eof``: the session answers with a ``shutdown(SHUT_WR)`` of the
+other side, or with the end once both sides sent EOF; closing sends the last
+FIN) and any socket error (``on_error``: the session resets both, so the peer
+sees what the proxy saw). The epoll set is level-triggered: an error that
+arrives behind data is reported again after the data is read, so a reset is
+never missed. ``last_activity`` is when a byte last moved, for the session's
+idle deadline.
 """
 
 from __future__ import annotations
@@ -100,24 +104,24 @@ def _open_pipe() -> tuple[int, int] | tuple[()]:
 
 
 class Relay:
-    """Relays until both directions have seen EOF, an error, or ``idle_timeout`` of silence.
+    """Copies between two connected sockets until :meth:`stop`.
 
-    ``on_done(outcome)`` is called once at the end, with ``"closed"``, ``"reset"``,
-    ``"idle_timeout"`` or what :meth:`finish` was given. The relay owns both sockets
-    from the start and closes them at the end.
+    ``on_eof(upstream)`` is called when a direction's source sent EOF and all it
+    sent was written (``upstream``: the client's); ``on_error(detail)`` when a
+    socket fails. Either may call :meth:`stop`, after which the relay does
+    nothing more. The sockets stay the caller's to close.
     """
 
     __slots__ = (
         "_backend_fd",
         "_client_fd",
-        "_idle_timeout",
-        "_idle_timer",
-        "_last_activity",
         "_loop",
-        "_on_done",
+        "_on_eof",
+        "_on_error",
         "_poller",
         "downstream",
         "finished",
+        "last_activity",
         "upstream",
     )
 
@@ -126,10 +130,10 @@ class Relay:
         loop: asyncio.AbstractEventLoop,
         client: socket.socket,
         backend: socket.socket,
-        idle_timeout: float,
         *,
         poller: Poller,
-        on_done: Callable[[str], None],
+        on_eof: Callable[[bool], None],
+        on_error: Callable[[str], None],
     ) -> None:
         self._loop = loop
         self._poller = poller
@@ -137,11 +141,11 @@ class Relay:
         self.downstream = _Direction(backend, client)
         self._client_fd = client.fileno()
         self._backend_fd = backend.fileno()
-        self._on_done = on_done
+        self._on_eof = on_eof
+        self._on_error = on_error
         self.finished = False
-        self._idle_timeout = idle_timeout
-        self._last_activity = loop.time()
-        self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
+        self.last_activity = loop.time()
+        """Loop time a byte last moved, either way."""
         # A handler that was watching either socket (the handshake's) is replaced.
         self._poller.watch(self._client_fd, READ, self._on_client_event)
         self._poller.watch(self._backend_fd, READ, self._on_backend_event)
@@ -176,20 +180,20 @@ class Relay:
             n = d.src.recv_into(_shared_buffer)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self.finish("reset")
+        except OSError as exc:
+            self._on_error(str(exc))
             return
         if n == 0:
             self._at_eof(d)
             return
         d.bytes += n
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         try:
             sent = d.dst.send(_shared_view[:n])
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            self.finish("reset")
+        except OSError as exc:
+            self._on_error(str(exc))
             return
         if sent < n:
             d.pending = bytes(_shared_view[sent:n])
@@ -203,15 +207,15 @@ class Relay:
             n = os.splice(d.src.fileno(), d.pipe[1], _CHUNK, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self.finish("reset")
+        except OSError as exc:
+            self._on_error(str(exc))
             return
         if n == 0:
             self._at_eof(d)
             return
         d.bytes += n
         d.in_pipe = n
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         if self._splice_out(d) and d.in_pipe:
             self._update_masks()  # wait for dst to take the rest
 
@@ -222,8 +226,8 @@ class Relay:
             d.in_pipe -= os.splice(d.pipe[0], d.dst.fileno(), d.in_pipe, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError:
-            self.finish("reset")
+        except OSError as exc:
+            self._on_error(str(exc))
             return False
         return True
 
@@ -236,11 +240,11 @@ class Relay:
                 sent = d.dst.send(d.pending)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                self.finish("reset")
+            except OSError as exc:
+                self._on_error(str(exc))
                 return
             d.pending = d.pending[sent:]
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         if d.waiting:
             return
         self._update_masks()
@@ -265,36 +269,14 @@ class Relay:
     def _shutdown_if_flushed(self, d: _Direction) -> None:
         if d.waiting:
             return  # _on_writable comes back here once the remainder is written
-        if self.upstream.eof and self.downstream.eof:
-            self.finish("closed")  # closing sends the last FIN
-            return
-        try:
-            d.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.finish("reset")
+        self._on_eof(d is self.upstream)
 
-    def _check_idle(self) -> None:
-        remaining = self._last_activity + self._idle_timeout - self._loop.time()
-        if remaining > 0:
-            self._idle_timer = self._loop.call_later(remaining, self._check_idle)
-        else:
-            self.finish("idle_timeout")
-
-    def finish(self, outcome: str) -> None:
-        """Stop relaying and close both sockets; resets them unless both sides closed cleanly."""
+    def stop(self) -> None:
+        """Stop relaying: forget both sockets (closed right after) and drop the pipes."""
         if self.finished:
             return
         self.finished = True
-        self._idle_timer.cancel()
-        for sock, fd in (
-            (self.upstream.src, self._client_fd),
-            (self.downstream.src, self._backend_fd),
-        ):
-            self._poller.forget(fd, closing=True)
-            if outcome == "closed":
-                sock.close()
-            else:
-                reset(sock)
+        self._poller.forget(self._client_fd, closing=True)
+        self._poller.forget(self._backend_fd, closing=True)
         self.upstream.close_pipe()
         self.downstream.close_pipe()
-        self._on_done(outcome)

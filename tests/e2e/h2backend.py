@@ -66,12 +66,11 @@ class _Connection:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.backend.max_streams,
-            },
-        )
+        initial = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.backend.max_streams}
+        if self.backend.max_header_list_size is not None:
+            limit = self.backend.max_header_list_size
+            initial[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] = limit
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values=initial)
         self.conn.initiate_connection()
         await self.flush()
         while True:
@@ -265,12 +264,15 @@ class H2Backend:
         proxy_protocol: bool = False,
         max_streams: int = 100,
         name: str = "",
+        max_header_list_size: int | None = None,
     ) -> None:
         self.name = name
         self.health_status = 200
         self.health_checks = 0
         self.proxy_protocol = proxy_protocol
         self.max_streams = max_streams
+        self.max_header_list_size = max_header_list_size
+        """Advertised as SETTINGS_MAX_HEADER_LIST_SIZE when set."""
         self.connections = 0
         self.requests = 0
         self.resets = 0

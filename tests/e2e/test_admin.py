@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mcproxy.admin.client import AdminClient, AdminError, ListedRoute
 from mcproxy.model import Address, FirewallRules, L7Policy, Mode, PolicyKind, Route
-from mcproxy.supervisor.status import Status
+from mcproxy.status import Status
 from tests.certs import CA, issue
 from tests.e2e.harness import (
     ProxyProcess,

@@ -180,6 +180,8 @@ def test_a_backend_killed_under_load_fails_no_connection(
         states = proxy.ctl_json("routes", "list")[0]["backend_states"]
         assert [s["up"] for s in states] == [True, False, True]
         assert states[1]["reason"]  # why: connection refused
+        status = proxy.ctl_json("status")["backends"][0]
+        assert [b["up"] for b in status["backends"]] == [True, False, True]
         metrics_addr = proxy.config["metrics"]["addr"]
         body = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10).read()
         assert f'backend="{pool.backends[1].addr}"'.encode() in body
@@ -329,3 +331,34 @@ def test_l7_least_conn_counts_streams(tmp_path: Path, ca: CA, web_pool: list[H2B
     # Sequential requests leave every count at 0 in turn: ties rotate over all three.
     assert {status for status, _ in results} == {200}
     assert {name for _, name in results} == {"w0", "w1", "w2"}
+
+
+def test_removing_a_backend_lets_its_open_connections_finish(
+    tmp_path: Path, pool: Pool, ca: CA
+) -> None:
+    proxy, port = start(tmp_path, pool)
+    with proxy:
+        echo = []
+        for _ in range(3):  # one on each backend, round robin
+            raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+            tls = client_context(ca.pem).wrap_socket(raw, server_hostname=HOST)
+            tls.sendall(b"ECHO\n")
+            echo.append(tls)
+        try:
+            proxy.ctl_json(
+                "routes",
+                "update",
+                "--listener",
+                f"127.0.0.1:{port}",
+                "--hostname",
+                HOST,
+                "--backend",
+                pool.backends[2].addr,
+            )
+            assert {ask(port, ca) for _ in range(4)} == {"b2"}
+            for tls in echo:  # the connections to b0 and b1 still work
+                tls.sendall(b"still there")
+                assert tls.recv(100) == b"still there"
+        finally:
+            for tls in echo:
+                tls.close()

@@ -42,12 +42,18 @@ MEASURE = 2.5 * IDLE
 """The good client runs this long while the attack is up: more than one reset-and-replace cycle."""
 
 
+LIMITED = "limited.test"
+"""A route whose backend advertises SETTINGS_MAX_HEADER_LIST_SIZE = BACKEND_HEADER_LIMIT."""
+BACKEND_HEADER_LIMIT = 4096
+
+
 @dataclass
 class Stack:
     port: int
     ca: CA
     backend: H2Backend
     proxy: ProxyProcess
+    limited: H2Backend
 
 
 def _route(directory: Path, ca: CA, hostname: str, backend: str) -> dict[str, Any]:
@@ -66,6 +72,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("attacks")
     ca = make_ca()
     backend = H2Backend()
+    limited = H2Backend(max_header_list_size=BACKEND_HEADER_LIMIT)
     port = free_port()
     config = {
         "listeners": [
@@ -74,6 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "routes": [
                     _route(directory, ca, ATTACK, backend.addr),
                     _route(directory, ca, GOOD, backend.addr),
+                    _route(directory, ca, LIMITED, limited.addr),
                 ],
             }
         ],
@@ -86,9 +94,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     try:
         with ProxyProcess(directory, config, workers=2) as proxy:
-            yield Stack(port, ca, backend, proxy)
+            yield Stack(port, ca, backend, proxy, limited)
     finally:
         backend.close()
+        limited.close()
 
 
 def _tls(stack: Stack, host: str, alpn: str, timeout: float = 5.0) -> ssl.SSLSocket:
@@ -122,13 +131,20 @@ class H2Client:
             except OSError:
                 self.closed = True
 
-    def request(self, path: str, method: str = "GET", end: bool = True) -> int:
+    def request(
+        self,
+        path: str,
+        method: str = "GET",
+        end: bool = True,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> int:
         sid = self.conn.get_next_available_stream_id()
         headers = [
             (b":method", method.encode()),
             (b":scheme", b"https"),
             (b":authority", self.host.encode()),
             (b":path", path.encode()),
+            *(extra or []),
         ]
         if method == "POST":
             headers.append((b"content-length", b"1000"))
@@ -383,3 +399,40 @@ def test_http2_readers_that_never_open_their_window(stack: Stack) -> None:
 def test_http1_posts_with_a_content_length_and_no_body(stack: Stack) -> None:
     state, ok, made = run_attack(stack, h1_stall_attack(stack, 250), 250)
     check(state, ok, made, 250)
+
+
+def test_a_header_list_over_the_backends_limit_is_refused_before_it_can_break_the_connection(
+    stack: Stack,
+) -> None:
+    # A download on the limited backend runs while requests whose header list fits our own
+    # limit, but not the backend's advertised one once forwarded, keep coming. Sent, they
+    # could make the backend fail the shared connection; they get 431 and never leave.
+    size = 4 << 20
+    downloader = H2Client(stack, LIMITED)
+    download = downloader.request(f"/bytes/{size}")
+    body = b""
+    before = stack.limited.requests
+    sender = H2Client(stack, LIMITED)
+    big = [(b"x-big", b"v" * (BACKEND_HEADER_LIMIT - 100))]
+    refused: dict[int, bytes] = {sender.request("/headers", extra=big): b"" for _ in range(20)}
+    deadline = time.monotonic() + 30
+    done = False
+    while time.monotonic() < deadline and not (done and all(refused.values())):
+        for event in downloader.events(0.05):
+            if isinstance(event, h2.events.DataReceived):
+                body += event.data
+                downloader.conn.acknowledge_received_data(event.flow_controlled_length, download)
+                downloader.flush()
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == download:
+                done = True
+            elif isinstance(event, h2.events.StreamReset):
+                raise AssertionError(f"the download was reset: {event}")
+        for event in sender.events(0.01):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id in refused:
+                refused[event.stream_id] = dict(event.headers)[b":status"]
+    downloader.close()
+    sender.close()
+    assert done and body == pattern(size)
+    assert set(refused.values()) == {b"431"}
+    assert stack.limited.requests <= before + 1  # the download at most, none of the others
+    assert not [h for h in stack.limited.seen if any(n == b"x-big" for n, _ in h)]

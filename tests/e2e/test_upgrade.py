@@ -139,6 +139,13 @@ def test_sigusr2_upgrades_in_place_under_load(
         "routes", "add", "--listener", listener, "--hostname", "beta.test",
         "--backend", backends["beta.test"].addr,
     )  # fmt: skip
+    extra_port = free_port()  # a listener added at runtime crosses the upgrade too
+    extra = f"127.0.0.1:{extra_port}"
+    proxy.ctl_json("listeners", "add", "--listener", extra)
+    proxy.ctl_json(
+        "routes", "add", "--listener", extra, "--hostname", "beta.test",
+        "--backend", backends["beta.test"].addr,
+    )  # fmt: skip
     generation = proxy.ctl_json("status")["generation"]
     supervisor = proxy.process.pid
     old_pids = set(proxy.worker_pids())
@@ -183,6 +190,9 @@ def test_sigusr2_upgrades_in_place_under_load(
     hostnames = {r["hostname"] for r in proxy.ctl_json("routes", "list")}
     assert {"alpha.test", "beta.test", WEB} <= hostnames
     assert name_of(proxy, ca, "beta.test") == "beta.test"
+    with proxy.connect(extra_port, "beta.test", ca.pem) as tls:
+        tls.sendall(b"NAME\n")
+        assert tls.recv(100) == b"beta.test\n"
     proxy.ctl_json("routes", "remove", "--listener", listener, "--hostname", "beta.test")
     assert admin_back < 6, f"the admin API was back {admin_back:.1f}s after SIGUSR2"
     assert "old worker 1 (pid" in proxy.log()

@@ -34,7 +34,7 @@ from mcproxy.model import (
     RouteUpdated,
     make_state,
 )
-from mcproxy.supervisor.status import ListenerStatus, Status, WorkerStatus
+from mcproxy.status import ListenerStatus, Status, WorkerStatus
 from tests.certs import make_ca, make_self_signed
 
 LISTENER = "127.0.0.1:8443"

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from mcproxy.model import Address, FirewallRules, Listener, Route, make_state
 from mcproxy.supervisor.metrics import SupervisorCollector
+from mcproxy.supervisor.status import WorkerSample
 from mcproxy.worker.metrics import WorkerMetrics
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
@@ -45,7 +46,7 @@ def exported() -> dict[str, set[str]]:
         state=make_state(
             1, [Listener(Address("127.0.0.1", 443), max_connections=5)], FirewallRules()
         ),
-        slots=[SimpleNamespace(index=1, worker=worker)],
+        samples=(WorkerSample(slot=1, pid=1234, generation=worker.generation),),
         worker_restarts=0,
     )
     registry.register(SupervisorCollector(supervisor))

@@ -98,7 +98,7 @@ class Pair:
         client = Client()
         method = next(v for n, v in head if n == b":method").decode()
         exchange = Exchange(client, method, "web.test", self.finished.append)
-        exchange.home = Home()  # type: ignore[assignment]
+        exchange.home = Home()
         exchange.request.head = head
         if body:
             exchange.request.receive_data(body)

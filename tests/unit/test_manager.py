@@ -15,6 +15,7 @@ import pytest
 
 from mcproxy.config import Config
 from mcproxy.model import ListenerMaxConnectionsSet, ProxyState
+from mcproxy.pipe import BOOT_ERROR
 from mcproxy.supervisor import manager
 from mcproxy.supervisor.manager import (
     Halt,
@@ -24,7 +25,6 @@ from mcproxy.supervisor.manager import (
     WorkerProcess,
 )
 from mcproxy.supervisor.store import Store
-from mcproxy.worker.main import BOOT_ERROR
 
 
 class FakePopen:

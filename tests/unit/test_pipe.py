@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcproxy import pipe
-from mcproxy.config import ProxyTimeouts
 from mcproxy.health import CheckTarget, Verdict
 from mcproxy.model import (
     Address,
@@ -24,6 +23,7 @@ from mcproxy.model import (
     RouteTable,
     make_state,
 )
+from mcproxy.settings import ProxyTimeouts
 
 STATE = make_state(
     7,
@@ -124,7 +124,7 @@ def test_the_allow_list_holds_value_types_only() -> None:
         assert module in (
             "builtins",
             "mcproxy.model",
-            "mcproxy.config",
+            "mcproxy.settings",
             "mcproxy.health",
             "mcproxy.pipe",
         )

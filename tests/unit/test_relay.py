@@ -39,10 +39,35 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 def relay_between(
     loop: asyncio.AbstractEventLoop, client_in: socket.socket, backend_in: socket.socket
 ) -> asyncio.Future[str]:
-    """Start a relay; the future resolves to its outcome."""
+    """Start a relay with the session's policy in small (the connection's job in the
+    proxy): EOF shuts the other side down, the second EOF closes, an error resets.
+    The future resolves to ``"closed"`` or ``"reset"``."""
     done: asyncio.Future[str] = loop.create_future()
-    Relay(
-        loop, client_in, backend_in, idle_timeout=60, poller=Poller(loop), on_done=done.set_result
+    eofs: set[bool] = set()
+
+    def end(outcome: str) -> None:
+        relay.stop()
+        for sock in (client_in, backend_in):
+            if outcome == "reset":
+                hard_close(sock)
+            else:
+                sock.close()
+        done.set_result(outcome)
+
+    def on_eof(upstream: bool) -> None:
+        eofs.add(upstream)
+        if len(eofs) == 2:
+            end("closed")
+        else:
+            (backend_in if upstream else client_in).shutdown(socket.SHUT_WR)
+
+    relay = Relay(
+        loop,
+        client_in,
+        backend_in,
+        poller=Poller(loop),
+        on_eof=on_eof,
+        on_error=lambda detail: end("reset"),
     )
     return done
 

@@ -159,6 +159,7 @@ def test_fifty_respawns_leave_a_scrape_under_one_second(
             supervisor.reap()
         for live, pid in zip(supervisor.slots, pids[50:], strict=True):
             give_worker(supervisor, live, pid, age=60)
+        supervisor.publish_status()  # as the loop does every turn; scrapes read this
         files = sorted(
             f"{kind}_{pid}.db"
             for pid in pids[50:]

@@ -196,7 +196,7 @@ class ProxyAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRoute(self, request, context):
-        """--- second batch (DESIGN.md, "Second batch") ---
+        """--- runtime listeners, whole-route updates, export and apply ---
 
         Replace a route whole, in one step (no connection sees it missing).
         NOT_FOUND when the listener has no route of that hostname.

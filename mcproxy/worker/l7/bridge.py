@@ -30,17 +30,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from h2.errors import ErrorCodes
 
 from mcproxy.model import PolicyKind
 from mcproxy.worker.l7.headers import Headers, status_of
 
-if TYPE_CHECKING:
-    from mcproxy.worker.l7.pool import BackendPool
-
-__all__ = ["Endpoint", "Exchange", "Flow", "LegIO", "local_response"]
+__all__ = ["Endpoint", "Exchange", "ExchangeQueue", "Flow", "LegIO", "local_response"]
 
 MAX_REQUEUES = 3
 """Retries of a request a backend refused unprocessed (GOAWAY, REFUSED_STREAM)."""
@@ -271,6 +268,15 @@ class Flow:
             self.exchange.flow_done(self)
 
 
+class ExchangeQueue(Protocol):
+    """Where an exchange waits for a backend stream (``pool.BackendPool``; named here
+    so that the pool depends on the bridge and not the other way round)."""
+
+    def submit(self, exchange: Exchange) -> None: ...
+
+    def withdraw(self, exchange: Exchange) -> None: ...
+
+
 class Exchange:
     """One request and its response, between a client stream and (maybe) a backend stream.
 
@@ -302,9 +308,9 @@ class Exchange:
         """The backend stream, while it is usable."""
         self.attached: Endpoint | None = None
         """The backend stream to release when the exchange ends."""
-        self.group: BackendPool | None = None
+        self.group: ExchangeQueue | None = None
         """The pool whose queue holds this exchange, while it waits for a stream."""
-        self.home: BackendPool | None = None
+        self.home: ExchangeQueue | None = None
         """The pool this exchange goes to (the router chose it; kept for a retry)."""
         self.owner: object = client
         """The client connection, for the pool's fair share (the router sets it)."""

@@ -17,8 +17,8 @@ import socket
 import ssl
 import time
 
-from mcproxy.config import ProxyTimeouts
 from mcproxy.model import Address, BackendProtocol, Route, lookup_route
+from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.l7.backends import Choices
 from mcproxy.worker.l7.bridge import Exchange
@@ -117,8 +117,9 @@ class _Session:
         return self._group_of(route, self.choices.choose(route))
 
     def _routed(self, exchange: Exchange, route: Route) -> None:
-        if exchange.home is not None:
-            self.choices.routed(exchange, route, exchange.home.key.backend)
+        home = exchange.home  # a BackendPool; the bridge knows it only as a queue
+        if isinstance(home, BackendPool):
+            self.choices.routed(exchange, route, home.key.backend)
 
     def _group_of(self, route: Route, backend: Address) -> BackendPool:
         if not route.send_proxy_protocol:
@@ -138,7 +139,7 @@ class _Session:
     def _finished(self, exchange: Exchange) -> None:
         backend, failed = self.choices.finished(exchange)
         home = exchange.home
-        protocol = home.key.protocol if home is not None else None
+        protocol = home.key.protocol if isinstance(home, BackendPool) else None
         request = RequestRecord(
             listener=self.record.listener,
             route=exchange.route,
@@ -151,6 +152,7 @@ class _Session:
             backend_protocol=protocol.value if protocol is not None else None,
             websocket=protocol is BackendProtocol.H1 and exchange.method == "CONNECT",
             backend=backend,
+            failed_backends=failed,
         )
         extra = f" proto={request.backend_protocol}" if request.backend_protocol else ""
         if request.websocket:
@@ -342,7 +344,7 @@ class L7Proxy:
         """
         h1 = key.protocol is BackendProtocol.H1
         alpn = ALPN_HTTP1 if h1 else ALPN_H2
-        sock = await self.server.dial(key.backend)
+        sock = await self.server.dial(key.backend, bounded=False)  # the pool's timer bounds it
         channel: Channel | None = None
         try:
             if key.proxy_header:
