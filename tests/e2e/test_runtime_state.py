@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import yaml
 
@@ -181,6 +182,39 @@ def test_l7_wildcard_route_serves_its_certificate(tmp_path: Path, ca: CA) -> Non
         for _ in range(4):  # both workers
             assert served_names("Shop.App.Test") == ["*.app.test"]
             assert served_names("api.app.test") == ["api.app.test"]
+
+        # A keep-alive connection routed by the wildcard: once a more specific route
+        # exists for its SNI, its next request is misdirected (421), and a new
+        # connection gets the new route's certificate.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = client_context(ca.pem, ["http/1.1"])
+        with ctx.wrap_socket(raw, server_hostname="shop.app.test") as tls:
+            conn = h11.Connection(h11.CLIENT)
+
+            def status() -> int:
+                request = h11.Request(
+                    method="GET", target="/headers", headers=[("Host", "shop.app.test")]
+                )
+                tls.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
+                code = 0
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(tls.recv(65536))
+                    elif isinstance(event, h11.Response):
+                        code = event.status_code
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                            conn.start_next_cycle()
+                        return code
+
+            assert status() == 200
+            shop_cert, shop_key = issue(ca, "shop.app.test", tmp_path)
+            with AdminClient(str(tmp_path / "admin.sock"), timeout=30) as admin:
+                admin.add_route(f"127.0.0.1:{port}", "shop.app.test", backend.addr, mode="l7",
+                                tls_cert=str(shop_cert), tls_key=str(shop_key))  # fmt: skip
+            assert status() == 421
+        assert served_names("shop.app.test") == ["shop.app.test"]
     finally:
         proxy.stop()
         backend.close()
@@ -295,7 +329,24 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
     assert _spread(node, "alpha.test", 6) == {"alpha.test"}
     assert _spread(node, "x.wild.test", 4) == {"star.wild.test"}
 
-    applied = node.ctl_json("apply", "-f", str(edited))
+    # While the apply replaces alpha.test's route, new connections to it never fail.
+    stop, answers, failures = threading.Event(), set(), []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answers.add(node.ask("alpha.test"))
+            except Exception as exc:
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        applied = node.ctl_json("apply", "-f", str(edited))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == [] and answers <= {"alpha.test", "beta.test"}
     assert applied["changed"] is True and applied["generation"] == before + 1
     assert {(c["action"], c["kind"], c["name"]) for c in applied["changes"]} == {
         ("update", "route", "alpha.test"),

@@ -353,7 +353,7 @@ class L7Proxy:
         """
         h1 = key.protocol is BackendProtocol.H1
         alpn = ALPN_HTTP1 if h1 else ALPN_H2
-        sock = await self.server.dial(key.backend)
+        sock = await self.server.dial(key.backend, bounded=False)  # the pool's timer bounds it
         channel: Channel | None = None
         try:
             if key.proxy_header:
