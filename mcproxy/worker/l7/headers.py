@@ -278,10 +278,9 @@ def refusal(
     hostname = authority_host(named)
     if hostname is None:
         return 400, "invalid authority"
-    if route_for is None:
-        match = route if hostname == route.hostname else None
-    else:
-        match = route_for(hostname)
+    if hostname == route.hostname:
+        return None  # the route itself: the exact name wins any lookup (RouteTable.lookup)
+    match = None if route_for is None else route_for(hostname)
     if match is None or match.hostname != route.hostname:
         return 421, "the authority names another route"
     return None
