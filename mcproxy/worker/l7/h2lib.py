@@ -33,7 +33,7 @@ else:
     _HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
     _CLOSED = StreamState.CLOSED
 
-    class H2Connection(_H2Connection):  # type: ignore[misc]
+    class H2Connection(_H2Connection):
         """jh2's connection with a cheaper open-stream count.
 
         jh2 counts open streams (and forgets closed ones) by walking every stream
@@ -59,6 +59,7 @@ else:
                     stream = self.streams.pop(stream_id)
                     self._closed_streams[stream_id] = stream.closed_by
             return count
+
 
 __all__ = [
     "ErrorCodes",
