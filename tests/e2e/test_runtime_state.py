@@ -8,6 +8,7 @@ answer ``NAME`` with their name, so each connection says which route it got.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -372,6 +373,17 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
 
     again = node.ctl_ok("apply", "-f", str(edited))
     assert "no changes: the state already matches" in again
+    piped = subprocess.run(
+        [sys.executable, "-m", "mcproxy.admin.cli", "apply", "-f", "-"],
+        input=node.ctl_ok("export"),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=node.dir,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MCPROXY_SOCKET": node.socket},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "no changes: the state already matches" in piped.stdout  # export | apply -f -
     assert node.generation() == before + 1  # applying twice makes no new generation
     after = node.ctl_ok("export")
 
