@@ -8,6 +8,7 @@ answer ``NAME`` with their name, so each connection says which route it got.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -329,6 +330,13 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
     assert _spread(node, "alpha.test", 6) == {"alpha.test"}
     assert _spread(node, "x.wild.test", 4) == {"star.wild.test"}
 
+    # An open connection keeps its backend (its TLS session is end to end with it).
+    ctx = client_context(node.ca.pem)
+    ctx.check_hostname = False
+    held = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", node.port), timeout=10), server_hostname="alpha.test"
+    )
+    held.sendall(b"ECHO\n")
     # While the apply replaces alpha.test's route, new connections to it never fail.
     stop, answers, failures = threading.Event(), set(), []
 
@@ -347,6 +355,9 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
         stop.set()
         thread.join(30)
     assert failures == [] and answers <= {"alpha.test", "beta.test"}
+    held.sendall(b"still alpha")
+    assert held.recv(100) == b"still alpha"
+    held.close()
     assert applied["changed"] is True and applied["generation"] == before + 1
     assert {(c["action"], c["kind"], c["name"]) for c in applied["changes"]} == {
         ("update", "route", "alpha.test"),
@@ -362,6 +373,17 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
 
     again = node.ctl_ok("apply", "-f", str(edited))
     assert "no changes: the state already matches" in again
+    piped = subprocess.run(
+        [sys.executable, "-m", "mcproxy.admin.cli", "apply", "-f", "-"],
+        input=node.ctl_ok("export"),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=node.dir,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MCPROXY_SOCKET": node.socket},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "no changes: the state already matches" in piped.stdout  # export | apply -f -
     assert node.generation() == before + 1  # applying twice makes no new generation
     after = node.ctl_ok("export")
 
