@@ -268,8 +268,10 @@ def test_every_rpc_round_trips_through_the_client(
             ListedRoute(listener, Route("gamma.test", (Address("127.0.0.1", gamma.port),))),
             ListedRoute(listener, web),
         ]
-        assert admin.list_routes() == expected_routes
-        assert admin.list_routes(listener) == expected_routes
+        # Backend states (up, reason) are the health checks' business, tested with them.
+        assert [ListedRoute(r.listener, r.route) for r in admin.list_routes()] == expected_routes
+        listed = admin.list_routes(listener)
+        assert [ListedRoute(r.listener, r.route) for r in listed] == expected_routes
         assert admin.firewall_rules() == FirewallRules(
             blocked_ips=frozenset({"192.0.2.9"}), blocked_cidrs=frozenset({"2001:db8::/32"})
         )
