@@ -414,12 +414,23 @@ def test_invalid_file_names_each_field_and_changes_nothing(node: Node) -> None:
     dry = node.ctl("apply", "-f", str(bad), "--dry-run")
     assert dry.returncode == 1 and "listeners[0].routes[0].mode:" in dry.stderr
     valid = yaml.safe_load(node.ctl_ok("export"))
-    valid["listeners"].append({"addr": f"127.0.0.1:{free_port()}", "routes": []})
-    more = node.dir / "more.yaml"
-    more.write_text(yaml.safe_dump(valid, sort_keys=False))
-    refused = node.ctl("apply", "-f", str(more))  # this build binds no listener at runtime
+    valid["listeners"][0]["proxy_protocol"] = True
+    pp = node.dir / "pp.yaml"
+    pp.write_text(yaml.safe_dump(valid, sort_keys=False))
+    refused = node.ctl("apply", "-f", str(pp))  # a running listener keeps its proxy_protocol
     assert refused.returncode == 1
-    assert "FAILED_PRECONDITION" in refused.stderr and "listeners[1].addr:" in refused.stderr
+    assert "FAILED_PRECONDITION" in refused.stderr
+    assert "listeners[0].proxy_protocol:" in refused.stderr
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    valid = yaml.safe_load(node.ctl_ok("export"))
+    valid["listeners"].append({"addr": f"127.0.0.1:{busy.getsockname()[1]}", "routes": []})
+    taken = node.dir / "taken.yaml"
+    taken.write_text(yaml.safe_dump(valid, sort_keys=False))
+    done = node.ctl("apply", "-f", str(taken))  # its port is taken: nothing is stored
+    busy.close()
+    assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr, done.stderr
     missing = node.ctl("apply", "-f", str(node.dir / "missing.yaml"))
     assert missing.returncode == 1
     assert node.generation() == before
@@ -448,3 +459,45 @@ def test_a_new_node_seeded_from_an_export_behaves_the_same(node: Node, tmp_path:
         assert _spread(node, "beta.test", 6) == {"beta.test"}
     finally:
         seeded.stop()
+
+
+def test_apply_adds_and_removes_listeners(node: Node) -> None:
+    b = node.backends
+    doc = yaml.safe_load(node.ctl_ok("export"))
+    second = free_port()
+    doc["listeners"].append(
+        {
+            "addr": f"127.0.0.1:{second}",
+            "max_connections": 50,
+            "routes": [{"hostname": "*", "backend": b["catchall.test"].addr}],
+        }
+    )
+    more = node.dir / "more.yaml"
+    more.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = node.generation()
+    applied = node.ctl_json("apply", "-f", str(more))
+    assert applied["generation"] == before + 1
+    assert ("add", "listener", f"127.0.0.1:{second}") in {
+        (c["action"], c["kind"], c["name"]) for c in applied["changes"]
+    }
+    assert node.generations() == {before + 1}
+    other = Node.__new__(Node)
+    other.__dict__.update(node.__dict__, port=second)
+    assert _spread(other, "anything.test", 12) == {"catchall.test"}  # on every worker
+    assert _spread(other, None, 4) == {"catchall.test"}
+    assert _spread(node, "alpha.test", 4) == {"alpha.test"}  # the first listener as it was
+    node.proxy.stop()
+    node.proxy.start()  # the database keeps the added listener; the config never had it
+    assert _spread(other, "anything.test", 6) == {"catchall.test"}
+
+    doc["listeners"] = doc["listeners"][:1]
+    fewer = node.dir / "fewer.yaml"
+    fewer.write_text(yaml.safe_dump(doc, sort_keys=False))
+    removed = node.ctl_json("apply", "-f", str(fewer))
+    assert removed["changed"] is True
+    assert ("remove", "listener", f"127.0.0.1:{second}") in {
+        (c["action"], c["kind"], c["name"]) for c in removed["changes"]
+    }
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", second), timeout=5).close()
+    assert _spread(node, "alpha.test", 4) == {"alpha.test"}
