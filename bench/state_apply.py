@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from mcproxy import pipe
-from mcproxy.config import parse_config
+from mcproxy.config import parse_config, paused_gc
 from mcproxy.model import (
     Address,
     FirewallRules,
@@ -80,10 +80,12 @@ def timed(call: Callable[[], object]) -> tuple[float, Any]:
 
 def in_process(routes: int, changes: int, directory: Path) -> None:
     state = build(routes, 1)
-    export_s, text = timed(lambda: export_yaml(state))
+    with paused_gc():  # as ExportState and ApplyState run them
+        export_s, text = timed(lambda: export_yaml(state))
     desired_text = edited(text, changes, routes)
     parse_s, config = timed(lambda: parse_config(desired_text, str(directory / "state.yaml")))
-    plan_s, p = timed(lambda: plan(state, config.seed))
+    with paused_gc():
+        plan_s, p = timed(lambda: plan(state, config.seed))
     assert len(p.changes) == changes, len(p.changes)
     apply_s, after = timed(lambda: apply_change(state, p.batch))
     assert plan(after, config.seed).changes == ()

@@ -14,10 +14,12 @@ paths resolve against the config file's directory.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import os
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +42,7 @@ from mcproxy.model import (
     Route,
     make_state,
 )
-from mcproxy.settings import ProxyTimeouts
+from mcproxy.settings import DEFAULT_ADMIN_SOCKET, ProxyTimeouts
 
 __all__ = [
     "Config",
@@ -48,9 +50,12 @@ __all__ = [
     "FirewallSettings",
     "MetricsConfig",
     "ProxyTimeouts",
+    "config_from_data",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_yaml",
+    "paused_gc",
 ]
 
 
@@ -84,7 +89,7 @@ class Config:
     workers: int = 0
     """0 = one per CPU core; see :meth:`worker_count`."""
     database_path: str = "/srv/mc-proxy/mc-proxy.db"
-    admin_socket: str = "/srv/mc-proxy/admin.sock"
+    admin_socket: str = DEFAULT_ADMIN_SOCKET
     metrics: MetricsConfig | None = None
     proxy: ProxyTimeouts = field(default_factory=ProxyTimeouts)
     firewall: FirewallSettings = field(default_factory=FirewallSettings)
@@ -145,10 +150,39 @@ def parse_config(text: str, path: str, *, state_only: bool = False) -> Config:
     (``mcproxyctl apply``), whose own process settings stand: a country rule
     then does not need ``firewall.geoip_db`` in the file.
     """
+    with paused_gc():
+        return config_from_data(parse_yaml(text, path), path, state_only=state_only)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a large document is built or read.
+
+    Building 100,000 routes creates millions of objects, and each of them
+    counts towards the collector's next pass over every live object: with the
+    collector running, loading 50,000 routes took 25 s instead of 1 s (the
+    objects hold no cycles, so reference counting frees them all the same).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def parse_yaml(text: str, path: str) -> object:
+    """The document as plain data, with the loader's strictness (duplicate keys are errors)."""
     try:
         data: object = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: {_yaml_reason(exc)}"]) from None
+    return data
+
+
+def config_from_data(data: object, path: str, *, state_only: bool = False) -> Config:
+    """:func:`parse_config` on a document :func:`parse_yaml` already read."""
     reader = _Reader(path, state_only=state_only)
     config = reader.config(data)
     if reader.problems:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ProxyTimeouts"]
+__all__ = ["DEFAULT_ADMIN_SOCKET", "LOG_FORMAT", "ProxyTimeouts"]
+
+DEFAULT_ADMIN_SOCKET = "/srv/mc-proxy/admin.sock"
+"""The admin socket when the config names none; ``mcproxyctl``'s default too."""
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
+"""Every process's log line (supervisor and workers; the access log renders it itself)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mcproxy import ip as _ip
 from mcproxy.model import (
     Address,
     BackendProtocol,
@@ -175,12 +176,9 @@ def canonical_ip(text: str) -> str:
     if "%" in text:
         raise ValueError(f"{text!r}: zone ids (%eth0) cannot match a client address")
     try:
-        ip = ipaddress.ip_address(text)
+        return _ip.canonical_ip(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def canonical_cidr(text: str) -> str:

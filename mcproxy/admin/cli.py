@@ -789,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
         " settings in FILE are ignored, with a note. Applying the same file twice is a"
         " no-op.",
     )
-    sub.add_argument("-f", "--file", required=True, metavar="FILE", help="the desired state, YAML")
+    sub.add_argument(
+        "-f", "--file", required=True, metavar="FILE", help="the desired state, YAML; - for stdin"
+    )
     sub.add_argument(
         "--dry-run", action="store_true", help="print what would change; change nothing"
     )
@@ -810,12 +812,17 @@ _SIGNS = {"add": "+", "update": "~", "remove": "-"}
 
 
 def cmd_apply(client: AdminClient, args: argparse.Namespace) -> object:
+    # "-" is standard input; relative paths in it resolve against the working directory.
+    source = os.path.abspath("<stdin>" if args.file == "-" else args.file)
     try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"{args.file}: {exc}") from None
-    result = client.apply_state(text, dry_run=args.dry_run, source_name=os.path.abspath(args.file))
+    result = client.apply_state(text, dry_run=args.dry_run, source_name=source)
     if not args.json:
         rows = [
             (_SIGNS.get(c.action, c.action), c.kind, c.listener, c.name, c.detail)

@@ -29,6 +29,7 @@ from mcproxy.admin import convert
 from mcproxy.admin.v1 import admin_pb2 as pb
 from mcproxy.admin.v1 import admin_pb2_grpc
 from mcproxy.model import FirewallRules, L7Policy, Route
+from mcproxy.settings import DEFAULT_ADMIN_SOCKET
 from mcproxy.statefile import PlannedChange
 from mcproxy.status import Status
 
@@ -42,7 +43,7 @@ __all__ = [
     "default_socket",
 ]
 
-DEFAULT_SOCKET = "/srv/mc-proxy/admin.sock"
+DEFAULT_SOCKET = DEFAULT_ADMIN_SOCKET
 DEFAULT_TIMEOUT = 30.0
 """Longer than the server's own wait for worker acknowledgements, so its message wins."""
 

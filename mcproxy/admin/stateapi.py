@@ -17,10 +17,9 @@ import concurrent.futures
 from collections.abc import Callable
 
 import grpc
-import yaml
 
 from mcproxy.admin.v1 import admin_pb2 as pb
-from mcproxy.config import ConfigError, parse_config
+from mcproxy.config import ConfigError, config_from_data, parse_yaml, paused_gc
 from mcproxy.model import Change, FirewallRuleAdded, FirewallRuleKind, ProxyState
 from mcproxy.statefile import Plan, export_yaml, plan, process_settings_in
 
@@ -45,9 +44,9 @@ def _listeners_at_runtime(backend: object) -> bool:
 
 
 def export_state(state: ProxyState, backend: object) -> pb.ExportStateResponse:
-    return pb.ExportStateResponse(
-        yaml=export_yaml(state, _geoip_db(backend)), generation=state.generation
-    )
+    with paused_gc():
+        text = export_yaml(state, _geoip_db(backend))
+    return pb.ExportStateResponse(yaml=text, generation=state.generation)
 
 
 def _response(p: Plan, generation: int, changed: bool, notes: list[str]) -> pb.ApplyStateResponse:
@@ -64,11 +63,7 @@ def _response(p: Plan, generation: int, changed: bool, notes: list[str]) -> pb.A
     )
 
 
-def _notes(text: str, source: str) -> list[str]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:  # pragma: no cover - parse_config refused it first
-        return []
+def _notes(data: object, source: str) -> list[str]:
     ignored = process_settings_in(data)
     if not ignored:
         return []
@@ -100,14 +95,17 @@ def apply_state(
     """The response, or the status code and message to fail the call with."""
     source = request.source_name or "<apply>"
     try:
-        desired = parse_config(request.yaml, source, state_only=True).seed
+        with paused_gc():
+            data = parse_yaml(request.yaml, source)  # once: 100,000 routes take seconds
+            desired = config_from_data(data, source, state_only=True).seed
     except ConfigError as exc:
         return grpc.StatusCode.INVALID_ARGUMENT, "\n".join(exc.problems)
-    notes = _notes(request.yaml, source)
+    notes = _notes(data, source)
     failure = (grpc.StatusCode.ABORTED, "the state kept changing during the apply; apply again")
     for _ in range(REPLANS):
         current = state()
-        p = plan(current, desired, listeners_at_runtime=_listeners_at_runtime(backend))
+        with paused_gc():
+            p = plan(current, desired, listeners_at_runtime=_listeners_at_runtime(backend))
         refused = _unsupported(p, backend)
         if refused:
             return grpc.StatusCode.FAILED_PRECONDITION, "\n".join(f"{source}: {r}" for r in refused)

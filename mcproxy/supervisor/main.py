@@ -18,6 +18,7 @@ from mcproxy import __version__
 from mcproxy.admin.server import AdminServer, AdminSocketError
 from mcproxy.config import Config
 from mcproxy.model import ProxyState
+from mcproxy.settings import LOG_FORMAT
 from mcproxy.supervisor import upgrade
 from mcproxy.supervisor.manager import Supervisor, UpgradeFailed, enable_fault_dumps
 from mcproxy.supervisor.metrics import MetricsEndpoint, MetricsError, start_metrics
@@ -33,7 +34,7 @@ log = logging.getLogger("mcproxy.supervisor")
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
 

@@ -148,6 +148,10 @@ class PendingChange:
 
 
 class Supervisor:
+    listeners_at_runtime = True
+    """``handle_requests`` binds the listeners any change adds, a ChangeBatch included,
+    before the commit, and closes those it removes (ApplyState reads this)."""
+
     def __init__(self, config: Config, store: Store, state: ProxyState) -> None:
         self.config = config
         self.store = store

@@ -43,16 +43,25 @@ from mcproxy.model import (
     RouteAdded,
     RouteRemoved,
     RouteUpdated,
-    StateError,
     make_state,
     parse_address,
 )
 
-__all__ = ["MIGRATIONS", "Store", "StoreError"]
+__all__ = ["MIGRATIONS", "Store", "StoreError", "StoreMismatch"]
 
 
 class StoreError(Exception):
     """The database cannot be opened or is not one of ours."""
+
+
+class StoreMismatch(StoreError):
+    """A change names a row that is missing, or adds one already there.
+
+    What a change means, and whether it fits, is :func:`mcproxy.model.apply_change`'s
+    decision, taken before the store sees the change; the store only persists it. So
+    this is not a user error but the database and the state disagreeing (a bug): the
+    transaction rolls back and the caller reports an internal error.
+    """
 
 
 MIGRATIONS: tuple[str, ...] = (
@@ -301,9 +310,11 @@ class Store:
         return make_state(1, listeners, firewall)
 
     def apply(self, change: Change) -> None:
-        """Persist one change in its own transaction; raises StateError if it does not fit.
+        """Persist one change, already accepted by ``apply_change``, in one transaction.
 
         A :class:`~mcproxy.model.ChangeBatch` is one transaction too: all of it or none.
+        Raises :class:`StoreMismatch` (and changes nothing) if the rows it names are
+        not as the state said.
         """
         with self._transaction():
             self._apply(change)
@@ -321,7 +332,7 @@ class Store:
     def _listener_id(self, addr: str) -> int:
         row = self.db.execute("SELECT id FROM listeners WHERE addr = ?", (addr,)).fetchone()
         if row is None:
-            raise StateError("not_found", f"no listener {addr}")
+            raise StoreMismatch(f"no listener {addr} in the database")
         return int(row[0])
 
     def _route_id(self, addr: str, hostname: str) -> int:
@@ -330,7 +341,7 @@ class Store:
             (self._listener_id(addr), hostname),
         ).fetchone()
         if row is None:
-            raise StateError("not_found", f"no route {hostname} on {addr}")
+            raise StoreMismatch(f"no route {hostname} on {addr} in the database")
         return int(row[0])
 
     def _apply(self, change: Change) -> None:
@@ -366,7 +377,7 @@ class Store:
                         (kind.value, value),
                     )
                     if db.changes() == 0:
-                        raise StateError("not_found", f"no firewall rule {kind} {value}")
+                        raise StoreMismatch(f"no firewall rule {kind} {value} in the database")
                 case ListenerMaxConnectionsSet(listener=addr, max_connections=limit):
                     db.execute(
                         "UPDATE listeners SET max_connections = ? WHERE id = ?",
@@ -380,9 +391,11 @@ class Store:
                         (self._route_id(addr, hostname), policy.kind.value, policy.value),
                     )
                     if db.changes() == 0:
-                        raise StateError("not_found", f"no policy {policy.kind} {policy.value}")
+                        raise StoreMismatch(
+                            f"no policy {policy.kind} {policy.value} in the database"
+                        )
         except apsw.ConstraintError as exc:
-            raise StateError("already_exists", f"{change}: already exists ({exc})") from exc
+            raise StoreMismatch(f"{change}: already in the database ({exc})") from exc
 
     def _insert_route(self, listener_id: int, r: Route) -> None:
         self.db.execute(

@@ -18,9 +18,11 @@ import os
 import time
 from typing import TextIO
 
+from mcproxy.settings import LOG_FORMAT
+
 __all__ = ["WORKER_FORMAT", "AccessLog"]
 
-WORKER_FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
+WORKER_FORMAT = LOG_FORMAT
 """The worker's log format; the access log renders it itself when it writes directly."""
 
 

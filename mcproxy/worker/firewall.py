@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from mcproxy.ip import canonical_ip
 from mcproxy.model import FirewallRules
 from mcproxy.worker.errors import Reason
 
@@ -22,12 +23,8 @@ CountryLookup = Callable[[str], str | None]
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def client_ip(host: str) -> str:
-    """Canonical text of a peer address, IPv4-mapped IPv6 (dual-stack accept) shown as IPv4."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+client_ip = canonical_ip
+"""Canonical text of a peer address (:func:`mcproxy.ip.canonical_ip`)."""
 
 
 class Firewall:

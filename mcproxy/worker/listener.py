@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from mcproxy.health import route_targets
+from mcproxy.ip import canonical_ip
 from mcproxy.model import Address, Listener, ProxyState, Route, lookup_route
 from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.accesslog import AccessLog
@@ -31,7 +32,7 @@ from mcproxy.worker.clienthello import ClientHello
 from mcproxy.worker.connection import Connection, Endpoint, L7Handler
 from mcproxy.worker.deadlines import Deadlines
 from mcproxy.worker.errors import Reason, Refused
-from mcproxy.worker.firewall import CountryLookup, Firewall, client_ip
+from mcproxy.worker.firewall import CountryLookup, Firewall
 from mcproxy.worker.poller import Poller
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
@@ -64,7 +65,7 @@ def _endpoint(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
     A dual-stack listener sees IPv4 clients as ``::ffff:a.b.c.d`` on both ends; unmapped,
     they match IPv4 firewall rules, log as IPv4 and go out in a TCP4 PROXY header.
     """
-    return client_ip(sockaddr[0]), int(sockaddr[1])
+    return canonical_ip(sockaddr[0]), int(sockaddr[1])
 
 
 class ConnectionServer:
@@ -246,13 +247,15 @@ class ConnectionServer:
         family, _, _, _, sockaddr = infos[0]
         return family, (str(sockaddr[0]), int(sockaddr[1]))
 
-    async def dial(self, backend: Address) -> socket.socket:
+    async def dial(self, backend: Address, *, bounded: bool = True) -> socket.socket:
         """Connect to a backend within ``connect_timeout``; raises OSError or TimeoutError.
 
+        ``bounded=False``: no deadline of its own, the caller has one (the L7 backend
+        pool's ``connect_timeout``, which covers TLS and SETTINGS too).
         The connect is done here rather than by ``loop.sock_connect``, which in uvloop
         resolves even an IP literal through a thread pool on every call.
         """
-        async with asyncio.timeout(self.timeouts.connect_timeout):
+        async with asyncio.timeout(self.timeouts.connect_timeout if bounded else None):
             family, address = await self.resolve(backend)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:

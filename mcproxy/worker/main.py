@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import logging
 import os
 import signal
@@ -165,6 +166,7 @@ class Worker:
         sockets = {addr: socket.socket(fileno=fd) for addr, fd in self.boot.listen_fds.items()}
         self.server.start_listening(sockets)
         self.booted = True
+        _freeze_boot_objects()
         log.info("worker %d serving generation %d", self.boot.slot, self.state.generation)
 
     def _take_sockets(self, addrs: tuple[str, ...]) -> dict[str, socket.socket]:
@@ -230,6 +232,24 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 
+GC_GEN0_THRESHOLD = 50_000
+"""Allocations between young-generation collections (CPython's default is 700). Each L7
+request allocates a few hundred short-lived objects; a collection every two requests was
+3-7% of a worker's CPU (ARCHITECTURE.md, "L7 routes: speed")."""
+
+
+def _tune_gc() -> None:
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
+
+
+def _freeze_boot_objects() -> None:
+    """Move what booting allocated (modules, state, listeners) out of the collector's sight:
+    it lives as long as the worker, and full collections no longer walk it."""
+    gc.collect()
+    gc.freeze()
+
+
 def _install_event_loop_policy() -> None:
     try:
         import uvloop
@@ -251,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor forwards SIGINT as SIGTERM; a terminal's ^C must not hit us twice.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _install_event_loop_policy()
+    _tune_gc()
     worker = Worker(socket.socket(fileno=args.pipe_fd))
     try:
         return asyncio.run(worker.run())

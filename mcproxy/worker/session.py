@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from mcproxy.ip import canonical_ip
 from mcproxy.model import Address, Listener, Mode, Route
 from mcproxy.settings import ProxyTimeouts
 from mcproxy.worker.clienthello import ClientHello, ClientHelloError, ClientHelloParser
 from mcproxy.worker.errors import Reason, Refused
-from mcproxy.worker.firewall import client_ip
 from mcproxy.worker.proxy_protocol import ProxyHeaderDecoder, ProxyHeaderError, encode_v2
 from mcproxy.worker.records import ConnectionRecord
 
@@ -172,7 +172,7 @@ class Gate(Protocol):
 
 
 def _endpoint(address: tuple[str, int]) -> tuple[str, int]:
-    return client_ip(address[0]), address[1]
+    return canonical_ip(address[0]), address[1]
 
 
 class Session:

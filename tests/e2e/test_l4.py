@@ -173,7 +173,8 @@ def test_blocked_cidr_is_reset_and_others_pass(
         assert sorted(set(log)) == ["outcome=refused:firewall_cidr", "outcome=refused:firewall_ip"]
 
 
-def test_idle_connection_is_closed(tmp_path: Path, backends: dict[str, TlsBackend], ca: CA) -> None:
+def test_idle_connection_is_reset(tmp_path: Path, backends: dict[str, TlsBackend], ca: CA) -> None:
+    """idle_timeout ends the relay with a RST to both sides (ECONNRESET, not an EOF)."""
     port = free_port()
     proxy = ProxyProcess(tmp_path, l4_config(port, backends))
     proxy.config["proxy"]["idle_timeout"] = "1s"
@@ -181,10 +182,11 @@ def test_idle_connection_is_closed(tmp_path: Path, backends: dict[str, TlsBacken
         tls = proxy.connect(port, "alpha.test", ca.pem, timeout=10)
         tls.sendall(b"HOLD\n")
         started = time.monotonic()
-        with pytest.raises((ConnectionResetError, ssl.SSLError)):
-            while tls.recv(100):
+        # Read the TCP stream under TLS: Python's ssl turns a reset that arrives behind
+        # unread records (the backend's session tickets) into a clean EOF.
+        with pytest.raises(ConnectionResetError):  # a clean close ends the loop: fails
+            while socket.socket.recv(tls, 65536):
                 pass
-            raise ConnectionResetError("closed")
         assert 0.9 < time.monotonic() - started < 5
         wait_for(lambda: "outcome=idle_timeout" in proxy.log(), 5, "outcome=idle_timeout logged")
 

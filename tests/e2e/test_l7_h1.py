@@ -437,11 +437,13 @@ def test_a_reader_that_stops_stalls_the_http11_backend(app: App) -> None:
         while got < 1 << 20:
             got += len(tls.recv(65536))
         # Stop reading: socket buffers and the proxy's bounded buffers fill, then the
-        # backend's writes wait.
-        time.sleep(2)
-        stalled = app.backend.written - before
-        time.sleep(1)
-        assert app.backend.written - before == stalled
+        # backend's writes wait: its count holds still for a second (within a deadline).
+        deadline = time.monotonic() + 30
+        stalled = -1
+        while stalled != app.backend.written - before:
+            assert time.monotonic() < deadline, "the backend never stopped writing"
+            stalled = app.backend.written - before
+            time.sleep(1.0)
         assert stalled < 64 << 20, stalled
 
 

@@ -8,6 +8,7 @@ answer ``NAME`` with their name, so each connection says which route it got.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import yaml
 
@@ -181,6 +183,39 @@ def test_l7_wildcard_route_serves_its_certificate(tmp_path: Path, ca: CA) -> Non
         for _ in range(4):  # both workers
             assert served_names("Shop.App.Test") == ["*.app.test"]
             assert served_names("api.app.test") == ["api.app.test"]
+
+        # A keep-alive connection routed by the wildcard: once a more specific route
+        # exists for its SNI, its next request is misdirected (421), and a new
+        # connection gets the new route's certificate.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = client_context(ca.pem, ["http/1.1"])
+        with ctx.wrap_socket(raw, server_hostname="shop.app.test") as tls:
+            conn = h11.Connection(h11.CLIENT)
+
+            def status() -> int:
+                request = h11.Request(
+                    method="GET", target="/headers", headers=[("Host", "shop.app.test")]
+                )
+                tls.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
+                code = 0
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(tls.recv(65536))
+                    elif isinstance(event, h11.Response):
+                        code = event.status_code
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                            conn.start_next_cycle()
+                        return code
+
+            assert status() == 200
+            shop_cert, shop_key = issue(ca, "shop.app.test", tmp_path)
+            with AdminClient(str(tmp_path / "admin.sock"), timeout=30) as admin:
+                admin.add_route(f"127.0.0.1:{port}", "shop.app.test", backend.addr, mode="l7",
+                                tls_cert=str(shop_cert), tls_key=str(shop_key))  # fmt: skip
+            assert status() == 421
+        assert served_names("shop.app.test") == ["shop.app.test"]
     finally:
         proxy.stop()
         backend.close()
@@ -295,7 +330,34 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
     assert _spread(node, "alpha.test", 6) == {"alpha.test"}
     assert _spread(node, "x.wild.test", 4) == {"star.wild.test"}
 
-    applied = node.ctl_json("apply", "-f", str(edited))
+    # An open connection keeps its backend (its TLS session is end to end with it).
+    ctx = client_context(node.ca.pem)
+    ctx.check_hostname = False
+    held = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", node.port), timeout=10), server_hostname="alpha.test"
+    )
+    held.sendall(b"ECHO\n")
+    # While the apply replaces alpha.test's route, new connections to it never fail.
+    stop, answers, failures = threading.Event(), set(), []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answers.add(node.ask("alpha.test"))
+            except Exception as exc:
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        applied = node.ctl_json("apply", "-f", str(edited))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == [] and answers <= {"alpha.test", "beta.test"}
+    held.sendall(b"still alpha")
+    assert held.recv(100) == b"still alpha"
+    held.close()
     assert applied["changed"] is True and applied["generation"] == before + 1
     assert {(c["action"], c["kind"], c["name"]) for c in applied["changes"]} == {
         ("update", "route", "alpha.test"),
@@ -311,6 +373,17 @@ def test_export_edit_dry_run_apply_twice_and_restart(node: Node) -> None:
 
     again = node.ctl_ok("apply", "-f", str(edited))
     assert "no changes: the state already matches" in again
+    piped = subprocess.run(
+        [sys.executable, "-m", "mcproxy.admin.cli", "apply", "-f", "-"],
+        input=node.ctl_ok("export"),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=node.dir,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MCPROXY_SOCKET": node.socket},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "no changes: the state already matches" in piped.stdout  # export | apply -f -
     assert node.generation() == before + 1  # applying twice makes no new generation
     after = node.ctl_ok("export")
 
@@ -341,12 +414,23 @@ def test_invalid_file_names_each_field_and_changes_nothing(node: Node) -> None:
     dry = node.ctl("apply", "-f", str(bad), "--dry-run")
     assert dry.returncode == 1 and "listeners[0].routes[0].mode:" in dry.stderr
     valid = yaml.safe_load(node.ctl_ok("export"))
-    valid["listeners"].append({"addr": f"127.0.0.1:{free_port()}", "routes": []})
-    more = node.dir / "more.yaml"
-    more.write_text(yaml.safe_dump(valid, sort_keys=False))
-    refused = node.ctl("apply", "-f", str(more))  # this build binds no listener at runtime
+    valid["listeners"][0]["proxy_protocol"] = True
+    pp = node.dir / "pp.yaml"
+    pp.write_text(yaml.safe_dump(valid, sort_keys=False))
+    refused = node.ctl("apply", "-f", str(pp))  # a running listener keeps its proxy_protocol
     assert refused.returncode == 1
-    assert "FAILED_PRECONDITION" in refused.stderr and "listeners[1].addr:" in refused.stderr
+    assert "FAILED_PRECONDITION" in refused.stderr
+    assert "listeners[0].proxy_protocol:" in refused.stderr
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    valid = yaml.safe_load(node.ctl_ok("export"))
+    valid["listeners"].append({"addr": f"127.0.0.1:{busy.getsockname()[1]}", "routes": []})
+    taken = node.dir / "taken.yaml"
+    taken.write_text(yaml.safe_dump(valid, sort_keys=False))
+    done = node.ctl("apply", "-f", str(taken))  # its port is taken: nothing is stored
+    busy.close()
+    assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr, done.stderr
     missing = node.ctl("apply", "-f", str(node.dir / "missing.yaml"))
     assert missing.returncode == 1
     assert node.generation() == before
@@ -375,3 +459,45 @@ def test_a_new_node_seeded_from_an_export_behaves_the_same(node: Node, tmp_path:
         assert _spread(node, "beta.test", 6) == {"beta.test"}
     finally:
         seeded.stop()
+
+
+def test_apply_adds_and_removes_listeners(node: Node) -> None:
+    b = node.backends
+    doc = yaml.safe_load(node.ctl_ok("export"))
+    second = free_port()
+    doc["listeners"].append(
+        {
+            "addr": f"127.0.0.1:{second}",
+            "max_connections": 50,
+            "routes": [{"hostname": "*", "backend": b["catchall.test"].addr}],
+        }
+    )
+    more = node.dir / "more.yaml"
+    more.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = node.generation()
+    applied = node.ctl_json("apply", "-f", str(more))
+    assert applied["generation"] == before + 1
+    assert ("add", "listener", f"127.0.0.1:{second}") in {
+        (c["action"], c["kind"], c["name"]) for c in applied["changes"]
+    }
+    assert node.generations() == {before + 1}
+    other = Node.__new__(Node)
+    other.__dict__.update(node.__dict__, port=second)
+    assert _spread(other, "anything.test", 12) == {"catchall.test"}  # on every worker
+    assert _spread(other, None, 4) == {"catchall.test"}
+    assert _spread(node, "alpha.test", 4) == {"alpha.test"}  # the first listener as it was
+    node.proxy.stop()
+    node.proxy.start()  # the database keeps the added listener; the config never had it
+    assert _spread(other, "anything.test", 6) == {"catchall.test"}
+
+    doc["listeners"] = doc["listeners"][:1]
+    fewer = node.dir / "fewer.yaml"
+    fewer.write_text(yaml.safe_dump(doc, sort_keys=False))
+    removed = node.ctl_json("apply", "-f", str(fewer))
+    assert removed["changed"] is True
+    assert ("remove", "listener", f"127.0.0.1:{second}") in {
+        (c["action"], c["kind"], c["name"]) for c in removed["changes"]
+    }
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", second), timeout=5).close()
+    assert _spread(node, "alpha.test", 4) == {"alpha.test"}

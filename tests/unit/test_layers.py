@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 
 MODEL_LAYER = {
     "mcproxy.health",
+    "mcproxy.ip",
     "mcproxy.model",
     "mcproxy.settings",
     "mcproxy.status",

@@ -34,11 +34,10 @@ from mcproxy.model import (
     RouteAdded,
     RouteRemoved,
     RouteUpdated,
-    StateError,
     apply_change,
     make_state,
 )
-from mcproxy.supervisor.store import MIGRATIONS, Store, StoreError
+from mcproxy.supervisor.store import MIGRATIONS, Store, StoreError, StoreMismatch
 
 LISTENER = "127.0.0.1:8443"
 
@@ -128,16 +127,16 @@ def test_removing_a_route_cascades_to_its_policies(store: Store) -> None:
     assert store.db.execute("SELECT count(*) FROM l7_policies").fetchone() == (0,)
 
 
-def test_conflicts_raise_state_errors_and_change_nothing(store: Store) -> None:
+def test_a_change_the_database_does_not_match_raises_and_changes_nothing(store: Store) -> None:
+    """apply_change decides whether a change fits; the store only refuses to write a
+    change its rows contradict (a state/database mismatch), and rolls back."""
     store.seed(seed_state())
     before = store.load()
-    with pytest.raises(StateError) as exists:
+    with pytest.raises(StoreMismatch, match="already in the database"):
         store.apply(RouteAdded(LISTENER, Route("a.test", (Address("127.0.0.1", 1),))))
-    assert exists.value.kind == "already_exists"
-    with pytest.raises(StateError) as missing:
+    with pytest.raises(StoreMismatch, match="no firewall rule"):
         store.apply(FirewallRuleRemoved(FirewallRuleKind.IP, "203.0.113.99"))
-    assert missing.value.kind == "not_found"
-    with pytest.raises(StateError):
+    with pytest.raises(StoreMismatch, match="no listener"):
         store.apply(RouteAdded("127.0.0.1:1", Route("z.test", (Address("127.0.0.1", 1),))))
     after = store.load()
     assert (after.listeners, after.firewall) == (before.listeners, before.firewall)
@@ -245,9 +244,9 @@ def test_new_changes_that_do_not_fit_raise_and_change_nothing(store: Store) -> N
     store.seed(seed_state())
     before = store.load()
     bad: list[tuple[Change, str]] = [
-        (RouteUpdated(LISTENER, Route("zz.test", (Address("127.0.0.1", 1),))), "not_found"),
-        (ListenerAdded(Listener(Address("", 443))), "already_exists"),
-        (ListenerRemoved("127.0.0.1:1"), "not_found"),
+        (RouteUpdated(LISTENER, Route("zz.test", (Address("127.0.0.1", 1),))), "no route"),
+        (ListenerAdded(Listener(Address("", 443))), "already in the database"),
+        (ListenerRemoved("127.0.0.1:1"), "no listener"),
         (
             ChangeBatch(
                 (
@@ -257,13 +256,12 @@ def test_new_changes_that_do_not_fit_raise_and_change_nothing(store: Store) -> N
                     RouteRemoved(LISTENER, "a.test"),  # fails last: all of it rolls back
                 )
             ),
-            "not_found",
+            "no route",
         ),
     ]
-    for change, kind in bad:
-        with pytest.raises(StateError) as exc:
+    for change, message in bad:
+        with pytest.raises(StoreMismatch, match=message):
             store.apply(change)
-        assert exc.value.kind == kind, change
     after = store.load()
     assert (after.listeners, after.firewall) == (before.listeners, before.firewall)
 

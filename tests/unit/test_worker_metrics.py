@@ -221,17 +221,30 @@ def test_installed_metrics_flush_on_a_timer_with_the_servers_active_count(
         )
         WorkerMetrics(registry).install(server)
         record = connection("closed", ALPHA)
+
+        async def flushed(metric: str, **labels: str) -> float | None:
+            """The sample once the timer flushed it (None before), within a deadline."""
+            deadline = asyncio.get_running_loop().time() + 50 * FLUSH_INTERVAL
+            while (got := registry.get_sample_value(metric, labels)) is None:
+                assert asyncio.get_running_loop().time() < deadline, f"{metric} never flushed"
+                await asyncio.sleep(FLUSH_INTERVAL / 10)
+            return got
+
         for callback in server.on_started:
             callback(record)
-        await asyncio.sleep(FLUSH_INTERVAL * 3)
-        assert value(registry, "mcproxy_connections_total", listener=LISTENER) == 1
+        # Nothing is written on the callback itself: the timer does it.
+        assert registry.get_sample_value("mcproxy_connections_total", {"listener": LISTENER}) in (
+            None,
+            0.0,
+        )
+        assert await flushed("mcproxy_connections_total", listener=LISTENER) == 1
         assert value(registry, "mcproxy_connections_active", listener=LISTENER) == 1
         server.active_by_listener = {}
         for callback in server.on_finished:
             callback(record)
-        await asyncio.sleep(FLUSH_INTERVAL * 3)
         finished = "mcproxy_connections_finished_total"
-        assert value(registry, finished, listener=LISTENER, mode="l4", outcome="closed") == 1
+        labels = {"listener": LISTENER, "mode": "l4", "outcome": "closed"}
+        assert await flushed(finished, **labels) == 1
         assert registry.get_sample_value("mcproxy_connections_active", {"listener": LISTENER}) == 0
 
     asyncio.run(scenario())

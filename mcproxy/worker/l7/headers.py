@@ -118,22 +118,35 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+_REMOVED: dict[frozenset[bytes], frozenset[bytes]] = {}
+"""Per ``drop`` set (a few module constants): every name that :func:`_without_hop_by_hop`
+must look at twice, so the common field costs one set lookup (bench/l7_legs.py)."""
+
+
 def _without_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
-    named = _connection_tokens(headers)
+    removed = _REMOVED.get(drop)
+    if removed is None:
+        removed = _REMOVED[drop] = HOP_BY_HOP | drop
     kept: Headers = []
+    connection = False
     for name, value in headers:
-        if name == b"te":
+        if name not in removed:
+            kept.append((name, value))
+        elif name == b"te":
             if value.strip().lower() == b"trailers":
                 kept.append((b"te", b"trailers"))
-        elif name not in HOP_BY_HOP and name not in drop and name not in named:
-            kept.append((name, value))
+        elif name == b"connection":
+            connection = True
+    if connection:  # rare: drop the fields the Connection header names too (not te: trailers)
+        named = _connection_tokens(headers)
+        kept = [(name, value) for name, value in kept if name == b"te" or name not in named]
     return kept
 
 
 def for_backend(headers: Sequence[tuple[bytes, bytes]], client_ip: str) -> Headers:
     """The request header list to send to the backend (pseudo-headers stay first)."""
     kept = _without_hop_by_hop(headers, _DROPPED)
-    if not any(name == b":authority" for name, _ in kept):
+    if not _has_authority(kept):
         host = next((value for name, value in headers if name == b"host"), None)
         if host is not None:  # an HTTP/2 request may carry Host instead of :authority
             pseudo = sum(1 for name, _ in kept if name.startswith(b":"))
@@ -143,9 +156,21 @@ def for_backend(headers: Sequence[tuple[bytes, bytes]], client_ip: str) -> Heade
     return kept
 
 
+def _has_authority(headers: Headers) -> bool:
+    for name, _ in headers:  # pseudo-headers come first: usually found among them
+        if name == b":authority":
+            return True
+        if not name.startswith(b":"):
+            break
+    return any(name == b":authority" for name, _ in headers)
+
+
 def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
     """The size a SETTINGS_MAX_HEADER_LIST_SIZE bounds: names, values and 32 per field."""
-    return sum(len(name) + len(value) + 32 for name, value in headers)
+    total = 0
+    for name, value in headers:  # a plain loop: about 1.5x faster than sum() over a genexpr
+        total += len(name) + len(value) + 32
+    return total
 
 
 def authority_host(authority: bytes) -> str | None:
@@ -253,10 +278,9 @@ def refusal(
     hostname = authority_host(named)
     if hostname is None:
         return 400, "invalid authority"
-    if route_for is None:
-        match = route if hostname == route.hostname else None
-    else:
-        match = route_for(hostname)
+    if hostname == route.hostname:
+        return None  # the route itself: the exact name wins any lookup (RouteTable.lookup)
+    match = None if route_for is None else route_for(hostname)
     if match is None or match.hostname != route.hostname:
         return 421, "the authority names another route"
     return None

@@ -12,8 +12,10 @@ After the backend's 101, an HTTP/1.1 client connection carries bytes only:
 :class:`ClientTunnel` takes the place of the exchange's client endpoint and
 of the leg's input, so the exchange's two flows carry the WebSocket frames
 untouched, with the same back-pressure as bodies (nothing is read from the
-client while :data:`TUNNEL_HIGH_WATER` bytes wait for the backend). Either
-side's EOF ends the tunnel; the close frames have passed by then.
+client while :data:`TUNNEL_HIGH_WATER` bytes wait for the backend). The
+client's EOF (or END_STREAM) half-closes the backend connection, whose own
+EOF then ends the tunnel both ways, so the server's close frame still
+arrives.
 """
 
 from __future__ import annotations
