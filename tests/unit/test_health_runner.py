@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -42,7 +45,9 @@ async def h1_server(status: int) -> tuple[asyncio.Server, int, list[bytes]]:
     return server, server.sockets[0].getsockname()[1], seen
 
 
-async def h2_server(status: int) -> tuple[asyncio.Server, int, list[str]]:
+async def h2_server(
+    status: int, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.Server, int, list[str]]:
     paths: list[str] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -58,7 +63,7 @@ async def h2_server(status: int) -> tuple[asyncio.Server, int, list[str]]:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
     return server, server.sockets[0].getsockname()[1], paths
 
 
@@ -139,3 +144,28 @@ def test_runner_marks_a_backend_down_then_up_again() -> None:
     finally:
         runner.stop()
         listening.close()
+
+
+def test_h2_probe_over_tls_verifies_against_the_routes_ca(tmp_path: Path) -> None:
+    from tests.certs import issue, make_ca
+
+    ca = make_ca()
+    cert, key = issue(ca, "backend.test", tmp_path)
+    ca_file = str(ca.write(tmp_path))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.set_alpn_protocols(["h2"])
+
+    async def main() -> None:
+        server, port, paths = await h2_server(200, server_ctx)
+        base = CheckTarget(Address("127.0.0.1", port), "http", 1.0, 2.0, 1, 1, tls=True, ca=ca_file)
+        try:
+            named = dataclasses.replace(base, server_name="backend.test")
+            assert await probe(named) == "HTTP 200"
+            with pytest.raises(ssl.SSLError):  # the certificate does not name 127.0.0.1
+                await probe(base)
+        finally:
+            server.close()
+        assert paths == ["/healthz"]
+
+    asyncio.run(main())
