@@ -197,11 +197,13 @@ class SupervisorCollector:
         up = GaugeMetricFamily(
             "mcproxy_backend_up",
             "1 while the supervisor's health check finds a route's backend up, else 0"
-            " (always 1 for a route without a health check).",
+            " (1 without a check); routes with several backends or a check only.",
             labels=["listener", "route", "backend"],
         )
         for address, listener in sup.state.listeners.items():
             for hostname, route in listener.routes.items():
+                if len(route.backends) == 1 and route.health_check is None:
+                    continue  # nothing to say, and 100,000 routes would be 100,000 series
                 for backend in sup.backend_states(route):
                     up.add_metric([address, hostname, str(backend.address)], int(backend.up))
         yield up

@@ -268,10 +268,11 @@ def test_every_rpc_round_trips_through_the_client(
             ListedRoute(listener, Route("gamma.test", (Address("127.0.0.1", gamma.port),))),
             ListedRoute(listener, web),
         ]
-        # Backend states (up, reason) are the health checks' business, tested with them.
-        assert [ListedRoute(r.listener, r.route) for r in admin.list_routes()] == expected_routes
-        listed = admin.list_routes(listener)
+        listed = admin.list_routes()
         assert [ListedRoute(r.listener, r.route) for r in listed] == expected_routes
+        assert admin.list_routes(listener) == listed
+        # one state per backend; without a health check every backend counts as up
+        assert [[b.up for b in r.backend_states] for r in listed] == [[True]] * 3
         assert admin.firewall_rules() == FirewallRules(
             blocked_ips=frozenset({"192.0.2.9"}), blocked_cidrs=frozenset({"2001:db8::/32"})
         )

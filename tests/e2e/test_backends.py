@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -362,3 +364,21 @@ def test_removing_a_backend_lets_its_open_connections_finish(
         finally:
             for tls in echo:
                 tls.close()
+
+
+def test_a_respawned_worker_starts_with_the_current_verdicts(
+    tmp_path: Path, ca: CA, web_pool: list[H2Backend]
+) -> None:
+    ca_file = ca.write(tmp_path)
+    check = {"kind": "http", "interval": "500ms", "timeout": "400ms", "fall": 2, "rise": 2}
+    proxy, port = l7_proxy(tmp_path, ca, [b.addr for b in web_pool], health_check=check)
+    with proxy:
+        web_pool[1].health_status = 503
+        wait_for(lambda: "is down: HTTP 503" in proxy.log(), 30, "w1 ejected")
+        for pid in proxy.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: proxy.log().count("serving generation") >= 4, 60, "workers respawned")
+        before = web_pool[1].requests
+        names = {name for _ in range(8) for _, name in get_many(port, ca_file, 2)}
+        assert "w1" not in names and names <= {"w0", "w2"}
+        assert web_pool[1].requests == before

@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from mcproxy.health import route_states
 from mcproxy.model import Address, FirewallRules, Listener, Route, make_state
 from mcproxy.supervisor.metrics import SupervisorCollector
 from mcproxy.supervisor.status import WorkerSample
@@ -34,6 +35,9 @@ def exported() -> dict[str, set[str]]:
         record = ConnectionRecord("l", ("192.0.2.1", 1), ("127.0.0.1", 2))
         record.route = None if outcome.startswith("refused") else route
         record.outcome = outcome
+        if record.route is not None:
+            record.backend = route.backend
+            record.failed_backends = (Address("127.0.0.1", 2),)
         for key, value in fields.items():
             setattr(record, key, value)
         metrics.connection_started(record)
@@ -42,10 +46,11 @@ def exported() -> dict[str, set[str]]:
     metrics.set_active({"l": 1})
     metrics.flush()
     worker = SimpleNamespace(generation=1)
+    pair = Route("p.test", (Address("127.0.0.1", 1), Address("127.0.0.1", 2)))
+    listener = Listener(Address("127.0.0.1", 443), max_connections=5, routes={"p.test": pair})
     supervisor: Any = SimpleNamespace(
-        state=make_state(
-            1, [Listener(Address("127.0.0.1", 443), max_connections=5)], FirewallRules()
-        ),
+        state=make_state(1, [listener], FirewallRules()),
+        backend_states=lambda route: route_states(route, {}),
         samples=(WorkerSample(slot=1, pid=1234, generation=worker.generation),),
         worker_restarts=0,
     )
