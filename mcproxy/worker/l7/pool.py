@@ -62,7 +62,6 @@ __all__ = [
     "MAX_QUEUED",
     "MAX_QUEUED_PER_CLIENT",
     "BackendConnection",
-    "BackendGroup",
     "BackendKey",
     "BackendPool",
     "ConnState",
@@ -537,7 +536,3 @@ class BackendPool:
 
     def all_connections(self) -> list[BackendConnection]:
         return [*self.connections, *(d.connection for d in self.dials if d.connection)]
-
-
-BackendGroup = BackendPool
-"""The former name."""
