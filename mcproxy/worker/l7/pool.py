@@ -533,6 +533,3 @@ class BackendPool:
             self._dial_failed(dial, 502, "client connection closed")
         for connection in list(self.connections):
             connection.close()
-
-    def all_connections(self) -> list[BackendConnection]:
-        return [*self.connections, *(d.connection for d in self.dials if d.connection)]
