@@ -108,7 +108,8 @@ class ConnectionServer:
         self._listening: dict[str, socket.socket] = {}
         self._local: dict[str, tuple[str, int]] = {}
         self.balancer = Balancer(loop.time, route_targets)  # type: ignore[arg-type]
-        """Which backend each connection or request goes to (ARCHITECTURE.md, Backends)."""
+        """Which backend each connection or request goes to (ARCHITECTURE.md, "Backends and
+        health")."""
 
     def update_state(self, state: ProxyState) -> None:
         if state.firewall != self.state.firewall:
