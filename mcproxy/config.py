@@ -633,16 +633,7 @@ class _Reader:
         self, m: dict[str, object], path: str, key: str, parse: Callable[[str], _T], default: _T
     ) -> _T | None:
         """An optional enum field (``mode``, ``balance``...); None when it is wrong."""
-        if m.get(key) is None:
-            return default
-        text = self.typed(m, path, key, str, None)
-        if text is None:
-            return None
-        try:
-            return parse(text)
-        except ValueError as exc:
-            self.problem(_join(path, key), str(exc))
-            return None
+        return default if m.get(key) is None else self.parsed(m, path, key, parse)
 
     def backends(self, m: dict[str, object], path: str) -> tuple[Address, ...] | None:
         """``backend: A`` or ``backends: [A, B]`` (exactly one of them); None if wrong."""

@@ -31,10 +31,11 @@ from tests.e2e.harness import (
     client_context,
     free_port,
     is_reset,
+    l7_route,
     socket_owner,
     wait_for,
 )
-from tests.e2e.test_l7 import curl, l7_route, status_and_body
+from tests.e2e.test_l7 import curl, status_and_body
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
