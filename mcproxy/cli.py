@@ -10,7 +10,7 @@ import sys
 import argcomplete
 
 from mcproxy import __version__
-from mcproxy.config import ConfigError, load_config
+from mcproxy.config import ConfigError, load_config, load_settings
 
 __all__ = ["main"]
 
@@ -35,12 +35,12 @@ def _serve(path: str) -> int:
     except Exception as exc:  # an upgrade to a broken installation: see _boot_failed
         return _boot_failed(path, [f"cannot load mc-proxy: {type(exc).__name__}: {exc}"])
     try:
-        config = load_config(path)
+        config, seed = load_settings(path)  # the seed part only if the database is empty
     except ConfigError as exc:
         return _boot_failed(path, exc.problems)
     except OSError as exc:
         return _boot_failed(path, [f"{path}: {exc.strerror}"])
-    return serve(config)
+    return serve(config, seed)
 
 
 def _boot_failed(path: str, problems: list[str]) -> int:

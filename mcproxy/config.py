@@ -3,7 +3,9 @@
 Process settings (workers, paths, addresses, timeouts) are read from the file
 at every start. Listeners, routes, policies and firewall rules in the file
 only seed an empty database (ARCHITECTURE.md, invariant 1): they are returned as
-``Config.seed``, a generation-0 :class:`~mcproxy.model.ProxyState`.
+``Config.seed``, a generation-0 :class:`~mcproxy.model.ProxyState`. ``mc-proxy
+serve`` reads them only when the database is empty (:func:`load_settings`);
+``mc-proxy check`` and SIGUSR2 judge the whole file (:func:`load_config`).
 
 The loader is strict because a typo in an ingress config fails open or
 silently: unknown keys, keys written twice and bare-number durations are
@@ -50,8 +52,10 @@ __all__ = [
     "FirewallSettings",
     "MetricsConfig",
     "ProxyTimeouts",
+    "Seed",
     "config_from_data",
     "load_config",
+    "load_settings",
     "parse_config",
     "parse_duration",
     "parse_yaml",
@@ -132,14 +136,54 @@ def load_config(path: str) -> Config:
     against the file's directory, so the result does not depend on the
     working directory.
     """
+    return parse_config(_read(path), path)
+
+
+def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return parse_config(text, path)
+
+
+class Seed:
+    """The seed part of a file :func:`load_settings` read, judged only if asked for.
+
+    Holds the parsed document until :meth:`take` or :meth:`drop`, so that a
+    100,000-route document does not stay in memory once the database is known.
+    """
+
+    def __init__(self, data: object, path: str) -> None:
+        self._data: object = data
+        self._path = path
+
+    def take(self) -> ProxyState:
+        """The whole file judged as :func:`load_config` does; raises :class:`ConfigError`
+        listing every problem (process settings included, so the messages are the same)."""
+        data, self._data = self._data, None
+        with paused_gc():
+            return config_from_data(data, self._path).seed
+
+    def drop(self) -> None:
+        self._data = None
+
+
+def load_settings(path: str) -> tuple[Config, Seed]:
+    """What ``mc-proxy serve`` needs at every start: the process settings of ``path``,
+    validated (its ``seed`` is empty), and the file's :class:`Seed` for an empty
+    database (invariant 1). Listeners, routes and firewall rules are not built or
+    judged here: with 100,000 routes that is most of the start-up time."""
+    text = _read(path)
+    with paused_gc():
+        data = parse_yaml(text, path)
+        reader = _Reader(path, settings_only=True)
+        config = reader.config(data)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config, Seed(data, path)
 
 
 def parse_config(text: str, path: str, *, state_only: bool = False) -> Config:
@@ -279,9 +323,11 @@ class _Reader:
     not judged again by the cross-field checks.
     """
 
-    def __init__(self, path: str, *, state_only: bool = False) -> None:
+    def __init__(self, path: str, *, state_only: bool = False, settings_only: bool = False) -> None:
         self.path = path
         self.state_only = state_only
+        self.settings_only = settings_only
+        """Skip the seed sections (listeners, firewall rule lists): :func:`load_settings`."""
         self.base = os.path.dirname(os.path.abspath(path))
         self.problems: list[str] = []
         self.failed: list[str] = []
@@ -406,7 +452,7 @@ class _Reader:
         metrics = self.metrics(top.get("metrics"))
         proxy = self.proxy(top.get("proxy"))
         firewall, rules = self.firewall(top.get("firewall"))
-        listeners = self.listeners(top)
+        listeners = {} if self.settings_only else self.listeners(top)
         for i, listener in listeners.items():
             if metrics is not None and listener.addr == metrics.addr:
                 self.problem("metrics.addr", f"same address as listeners[{i}].addr")
@@ -446,7 +492,7 @@ class _Reader:
             self.check_geoip(geoip)
         values: dict[str, frozenset[str]] = {}
         for key, kind in _FIREWALL_LISTS.items():
-            values[key] = self.firewall_list(m, key, kind)
+            values[key] = frozenset() if self.settings_only else self.firewall_list(m, key, kind)
         if values["blocked_countries"] and m.get("geoip_db") is None and not self.state_only:
             self.problem("firewall.geoip_db", "required when blocked_countries is not empty")
         d = FirewallSettings()
@@ -587,16 +633,7 @@ class _Reader:
         self, m: dict[str, object], path: str, key: str, parse: Callable[[str], _T], default: _T
     ) -> _T | None:
         """An optional enum field (``mode``, ``balance``...); None when it is wrong."""
-        if m.get(key) is None:
-            return default
-        text = self.typed(m, path, key, str, None)
-        if text is None:
-            return None
-        try:
-            return parse(text)
-        except ValueError as exc:
-            self.problem(_join(path, key), str(exc))
-            return None
+        return default if m.get(key) is None else self.parsed(m, path, key, parse)
 
     def backends(self, m: dict[str, object], path: str) -> tuple[Address, ...] | None:
         """``backend: A`` or ``backends: [A, B]`` (exactly one of them); None if wrong."""

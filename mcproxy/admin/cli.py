@@ -448,14 +448,19 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def route_flags(sub: argparse.ArgumentParser) -> None:
-    """The flags of ``routes add`` and ``routes update``."""
+def listener_flag(sub: argparse.ArgumentParser) -> None:
+    """``--listener ADDR``, required."""
     sub.add_argument(
         "--listener",
         required=True,
         metavar="ADDR",
         help="the listener's address as configured: :443, 10.0.0.1:443, [::1]:443",
     )
+
+
+def route_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags of ``routes add`` and ``routes update``."""
+    listener_flag(sub)
     sub.add_argument(
         "--hostname",
         required=True,
@@ -599,16 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler, parser=sub)
         return sub
 
-    def listener(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--listener",
-            required=True,
-            metavar="ADDR",
-            help="the listener's address as configured: :443, 10.0.0.1:443, [::1]:443",
-        )
-
     def listener_and_hostname(sub: argparse.ArgumentParser) -> None:
-        listener(sub)
+        listener_flag(sub)
         sub.add_argument("--hostname", required=True, metavar="H", help="the route's SNI hostname")
 
     command(

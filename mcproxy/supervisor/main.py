@@ -16,7 +16,7 @@ from setproctitle import setproctitle
 
 from mcproxy import __version__
 from mcproxy.admin.server import AdminServer, AdminSocketError
-from mcproxy.config import Config
+from mcproxy.config import Config, ConfigError, Seed
 from mcproxy.model import ProxyState
 from mcproxy.settings import LOG_FORMAT
 from mcproxy.supervisor import upgrade
@@ -78,6 +78,12 @@ class _BootFailed(Exception):
     pass
 
 
+class _SeedInvalid(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 @dataclass
 class _Servers:
     """What serve() owns besides the supervisor; restarted after a failed exec."""
@@ -86,14 +92,20 @@ class _Servers:
     metrics: MetricsEndpoint | None
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, seed: Seed) -> int:
+    """``config`` holds the process settings; ``seed`` the rest of the file, judged and
+    written only if the database is empty (invariant 1)."""
     inherited = upgrade.take_from_environ()  # set when SIGUSR2 re-executed us
     configure_logging()
     setproctitle("mc-proxy: supervisor")
     enable_fault_dumps()
     raise_fd_limit()
     try:
-        return _serve(config, inherited)
+        return _serve(config, seed, inherited)
+    except _SeedInvalid as invalid:
+        for problem in invalid.problems:  # as `mc-proxy check` prints them
+            print(problem, file=sys.stderr)
+        return 1
     except _BootFailed as failed:
         if inherited is None:
             log.error("%s", failed)
@@ -103,7 +115,7 @@ def serve(config: Config) -> int:
         return upgrade.caretake(failed.inherited, config.path, str(failed))
 
 
-def _serve(config: Config, inherited: upgrade.Inherited | None) -> int:
+def _serve(config: Config, seed: Seed, inherited: upgrade.Inherited | None) -> int:
     """Raises _BootFailed before the supervisor runs (after an upgrade, the caller then
     keeps the previous workers serving), UpgradeFailed if the new workers cannot boot."""
     try:
@@ -111,8 +123,16 @@ def _serve(config: Config, inherited: upgrade.Inherited | None) -> int:
     except StoreError as exc:
         raise _BootFailed(str(exc)) from None
     if store.is_empty() and inherited is None:
-        store.seed(config.seed)
+        try:
+            initial = seed.take()
+        except ConfigError as exc:
+            store.close()
+            raise _SeedInvalid(exc.problems) from None
+        store.seed(initial)
+        del initial
         log.info("database %s was empty: seeded from %s", config.database_path, config.path)
+    else:
+        seed.drop()  # the database holds the state: the file's listeners and rules are ignored
     state = store.load()
     if problem := geoip_problem(config, state):
         raise _BootFailed(problem)

@@ -541,19 +541,8 @@ class Supervisor:
         except OSError as exc:
             log.error("SIGUSR2 ignored, nothing changes: %s: %s", self.config.path, exc)
             return
-        inherited = upgrade.Inherited(
-            sockets={},
-            shm_fd=self.shared.fd if self.shared is not None else None,
-            workers=[
-                upgrade.InheritedWorker(w.pid, w.slot, w.cell, w.channel.fileno())
-                for w in self.retiring
-            ],
-            started_at=self.started_at,
-            generation=self.state.generation,
-        )
+        inherited = self._inherited(lambda s: s.fileno())
         for slot in self.slots:
-            for addr, sock in slot.sockets.items():
-                inherited.sockets.setdefault(addr, {})[slot.index] = sock.fileno()
             if slot.worker is not None:
                 inherited.workers.append(
                     upgrade.InheritedWorker(
@@ -641,11 +630,18 @@ class Supervisor:
         for slot in self.slots:
             if slot.worker is not None:
                 self._kill(slot.worker, signal.SIGKILL)
+        inherited = self._inherited(lambda s: s.detach())
+        self.retiring.clear()
+        return inherited
+
+    def _inherited(self, take: Callable[[socket.socket], int]) -> upgrade.Inherited:
+        """What the next program inherits: the listening sockets, the counters and the
+        retiring workers, each descriptor got by ``take`` (``fileno`` or ``detach``)."""
         inherited = upgrade.Inherited(
             sockets={},
             shm_fd=self.shared.fd if self.shared is not None else None,
             workers=[
-                upgrade.InheritedWorker(w.pid, w.slot, w.cell, w.channel.detach())
+                upgrade.InheritedWorker(w.pid, w.slot, w.cell, take(w.channel))
                 for w in self.retiring
             ],
             started_at=self.started_at,
@@ -653,8 +649,7 @@ class Supervisor:
         )
         for slot in self.slots:
             for addr, sock in slot.sockets.items():
-                inherited.sockets.setdefault(addr, {})[slot.index] = sock.detach()
-        self.retiring.clear()
+                inherited.sockets.setdefault(addr, {})[slot.index] = take(sock)
         return inherited
 
     def _forget(self, slot: Slot) -> None:

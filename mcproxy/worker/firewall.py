@@ -11,20 +11,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from mcproxy.ip import canonical_ip
 from mcproxy.model import FirewallRules
 from mcproxy.worker.errors import Reason
 
-__all__ = ["CountryLookup", "Firewall", "client_ip"]
+__all__ = ["CountryLookup", "Firewall"]
 
 CountryLookup = Callable[[str], str | None]
 """IP -> ISO country code, or None when unknown."""
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-client_ip = canonical_ip
-"""Canonical text of a peer address (:func:`mcproxy.ip.canonical_ip`)."""
 
 
 class Firewall:

@@ -334,6 +334,21 @@ class ProxyProcess:
         self.stop()
 
 
+def l7_route(directory: Path, ca: Any, hostname: str, backend: str, **extra: Any) -> dict[str, Any]:
+    """A ``mode: l7`` route to ``backend`` with a certificate for ``hostname`` from ``ca``."""
+    from tests.certs import issue
+
+    cert, key = issue(ca, hostname, directory)
+    return {
+        "hostname": hostname,
+        "backend": backend,
+        "mode": "l7",
+        "tls_cert": str(cert),
+        "tls_key": str(key),
+        **extra,
+    }
+
+
 @contextlib.contextmanager
 def tls_backends(directory: Path, ca: Any, names: list[str]) -> Iterator[dict[str, TlsBackend]]:
     from tests.certs import issue

@@ -287,16 +287,35 @@ def test_restart_loads_from_database_not_yaml(
     proxy = ProxyProcess(tmp_path, l4_config(port, {"alpha.test": backends["alpha.test"]}))
     with proxy:
         assert ask_name(proxy, port, "alpha.test", ca)[0] == "alpha.test"
-    # The edited YAML points alpha at beta's backend and adds beta: both ignored.
+    # The edited YAML points alpha at beta's backend and adds beta: both ignored. It adds
+    # an invalid route too: serve does not judge the seed part once the database holds
+    # state (mc-proxy check still would), but it reads the process settings (workers).
     proxy.config["listeners"][0]["routes"] = [
         {"hostname": "alpha.test", "backend": backends["beta.test"].addr},
         {"hostname": "beta.test", "backend": backends["beta.test"].addr},
+        {"hostname": "not a hostname", "backend": "nowhere", "typo": 1},
     ]
+    proxy.config["workers"] = proxy.workers = 3
     with proxy:
         assert ask_name(proxy, port, "alpha.test", ca)[0] == "alpha.test"
+        wait_for(lambda: len(proxy.worker_pids()) == 3, 10, "3 workers")
         raw = socket.create_connection(("127.0.0.1", port))
         with pytest.raises(ConnectionResetError):
             client_context(ca.pem).wrap_socket(raw, server_hostname="beta.test")
+
+
+def test_invalid_seed_with_an_empty_database_exits_nonzero_naming_each_field(
+    tmp_path: Path,
+) -> None:
+    routes = [{"hostname": "a.test", "backend": "nowhere"}, {"hostname": "b.test", "typo": 1}]
+    proxy = ProxyProcess(
+        tmp_path, {"listeners": [{"addr": f"127.0.0.1:{free_port()}", "routes": routes}]}
+    )
+    proxy.start(wait=False)
+    assert proxy.process is not None
+    assert proxy.process.wait(20) == 1
+    for field in ("listeners[0].routes[0].backend", "listeners[0].routes[1].typo"):
+        assert f"{proxy.config_path}: {field}: " in proxy.log()
 
 
 def test_unbindable_listener_exits_nonzero_with_reason(

@@ -35,23 +35,12 @@ from tests.e2e.harness import (
     TlsBackend,
     client_context,
     free_port,
+    l7_route,
     pattern,
     wait_for,
 )
 
 WEB = "web.test"
-
-
-def l7_route(directory: Path, ca: CA, hostname: str, backend: str, **extra: Any) -> dict[str, Any]:
-    cert, key = issue(ca, hostname, directory)
-    return {
-        "hostname": hostname,
-        "backend": backend,
-        "mode": "l7",
-        "tls_cert": str(cert),
-        "tls_key": str(key),
-        **extra,
-    }
 
 
 def curl(

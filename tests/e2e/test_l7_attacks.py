@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -30,9 +29,9 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from tests.certs import CA, issue, make_ca
+from tests.certs import CA, make_ca
 from tests.e2e.h2backend import H2Backend
-from tests.e2e.harness import ProxyProcess, client_context, free_port, pattern
+from tests.e2e.harness import ProxyProcess, client_context, free_port, l7_route, pattern
 
 IDLE = 2.0
 ATTACK = "a.test"
@@ -56,17 +55,6 @@ class Stack:
     limited: H2Backend
 
 
-def _route(directory: Path, ca: CA, hostname: str, backend: str) -> dict[str, Any]:
-    cert, key = issue(ca, hostname, directory)
-    return {
-        "hostname": hostname,
-        "backend": backend,
-        "mode": "l7",
-        "tls_cert": str(cert),
-        "tls_key": str(key),
-    }
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("attacks")
@@ -79,9 +67,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {
                 "addr": f"127.0.0.1:{port}",
                 "routes": [
-                    _route(directory, ca, ATTACK, backend.addr),
-                    _route(directory, ca, GOOD, backend.addr),
-                    _route(directory, ca, LIMITED, limited.addr),
+                    l7_route(directory, ca, ATTACK, backend.addr),
+                    l7_route(directory, ca, GOOD, backend.addr),
+                    l7_route(directory, ca, LIMITED, limited.addr),
                 ],
             }
         ],

@@ -34,8 +34,15 @@ import websockets
 from tests.certs import CA, issue, issue_client, make_ca
 from tests.e2e.h1backend import H1Backend
 from tests.e2e.h2backend import H2Backend
-from tests.e2e.harness import ProxyProcess, client_context, free_port, pattern, wait_for
-from tests.e2e.test_l7 import LineReader, curl, l7_route, status_and_body
+from tests.e2e.harness import (
+    ProxyProcess,
+    client_context,
+    free_port,
+    l7_route,
+    pattern,
+    wait_for,
+)
+from tests.e2e.test_l7 import LineReader, curl, status_and_body
 
 WEB = "app.test"
 

@@ -18,8 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import h2.config
 import h2.connection
@@ -37,9 +35,16 @@ from hyperframe.frame import (
 )
 
 from mcproxy.worker.l7.frames import GoAwayFilter
-from tests.certs import CA, issue, make_ca
+from tests.certs import CA, make_ca
 from tests.e2e.h2backend import H2Backend
-from tests.e2e.harness import ProxyProcess, client_context, free_port, pattern, wait_for
+from tests.e2e.harness import (
+    ProxyProcess,
+    client_context,
+    free_port,
+    l7_route,
+    pattern,
+    wait_for,
+)
 
 ATTACK = "a.test"
 GOOD = "b.test"
@@ -57,18 +62,6 @@ class Stack:
     proxy: ProxyProcess
 
 
-def _route(directory: Path, ca: CA, hostname: str, backend: str, **extra: Any) -> dict[str, Any]:
-    cert, key = issue(ca, hostname, directory)
-    return {
-        "hostname": hostname,
-        "backend": backend,
-        "mode": "l7",
-        "tls_cert": str(cert),
-        "tls_key": str(key),
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("hostile")
@@ -80,9 +73,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {
                 "addr": f"127.0.0.1:{port}",
                 "routes": [
-                    _route(directory, ca, ATTACK, backend.addr),
-                    _route(directory, ca, GOOD, backend.addr),
-                    _route(
+                    l7_route(directory, ca, ATTACK, backend.addr),
+                    l7_route(directory, ca, GOOD, backend.addr),
+                    l7_route(
                         directory,
                         ca,
                         GUARDED,

@@ -31,10 +31,11 @@ from tests.e2e.harness import (
     client_context,
     free_port,
     is_reset,
+    l7_route,
     socket_owner,
     wait_for,
 )
-from tests.e2e.test_l7 import curl, l7_route, status_and_body
+from tests.e2e.test_l7 import curl, status_and_body
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -68,8 +69,16 @@ class MetricsProxy:
     def value(self, samples: Samples, name: str, **labels: str) -> float | None:
         return samples.get((name, frozenset(labels.items())))
 
-    def settled(self, accepted: int, active: int) -> Samples:
-        """Wait until the proxy has accepted ``accepted`` and holds ``active``; the scrape."""
+    def settled(self, accepted: int, active: int, requests: int | None = None) -> Samples:
+        """Wait until the proxy has accepted ``accepted`` and holds ``active``; the scrape.
+
+        With ``requests``, also wait until that many L7 requests are counted both in the
+        request counter and in the duration histogram: each family lives in its own file per
+        worker, so one scrape can fall between the two writes of a flush.
+        """
+
+        def total(samples: Samples, name: str) -> float:
+            return sum(v for (n, _), v in samples.items() if n == name)
 
         def check() -> Samples | None:
             samples = self.scrape()
@@ -77,7 +86,14 @@ class MetricsProxy:
                 self.value(samples, "mcproxy_connections_total", listener=self.listener),
                 self.value(samples, "mcproxy_connections_active", listener=self.listener),
             )
-            return samples if got == (accepted, active) else None
+            if got != (accepted, active):
+                return None
+            if requests is not None and (
+                total(samples, "mcproxy_http_requests_total") != requests
+                or total(samples, "mcproxy_http_request_duration_seconds_count") != requests
+            ):
+                return None
+            return samples
 
         result: Samples = wait_for(check, 10, f"{accepted} accepted and {active} active")
         return result
@@ -325,7 +341,7 @@ def test_l7_requests_codes_and_policy_blocks_are_exact(tmp_path: Path, ca: CA) -
             ]
             codes = [status(host, path, *args) for host, path, *args in calls]
             assert codes == [200] * 3 + [404] * 2 + [200] + [403] * 3 + [502] * 2
-            samples = proxy.settled(accepted=len(calls), active=0)
+            samples = proxy.settled(accepted=len(calls), active=0, requests=len(calls))
     finally:
         backend.close()
 

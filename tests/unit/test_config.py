@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 from pathlib import Path
@@ -19,6 +20,7 @@ from mcproxy.config import (
     MetricsConfig,
     ProxyTimeouts,
     load_config,
+    load_settings,
     parse_duration,
 )
 from mcproxy.model import (
@@ -899,3 +901,49 @@ def test_wildcard_and_catch_all_hostnames_are_distinct_routes(tmp_path: Path) ->
     assert problems(tmp_path, data) == [
         "listeners[0].routes[3].hostname: duplicate of routes[0] (*.example.com)"
     ]
+
+
+def test_load_settings_reads_process_settings_and_leaves_the_seed_unjudged(
+    tmp_path: Path,
+) -> None:
+    data = {
+        "workers": 3,
+        "proxy": {"idle_timeout": "7s"},
+        "firewall": {"rate_limit": 5, "blocked_ips": ["not an ip"]},
+        "listeners": [
+            {"addr": ":8443", "routes": [{"hostname": "a.test", "backend": "nowhere"}]},
+            {"addr": "bad", "rotues": []},
+        ],
+    }
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as full:
+        load_config(str(path))
+    config, seed = load_settings(str(path))
+    assert (config.workers, config.proxy.idle_timeout, config.firewall.rate_limit) == (3, 7.0, 5)
+    assert config.seed.listeners == {} and not config.seed.firewall.blocked_ips
+    with pytest.raises(ConfigError) as taken:
+        seed.take()  # judged as `mc-proxy check` judges it: the same messages
+    assert taken.value.problems == full.value.problems
+
+
+def test_load_settings_seed_matches_load_config(tmp_path: Path) -> None:
+    data = {
+        "workers": 2,
+        "firewall": {"blocked_cidrs": ["192.0.2.0/24"]},
+        "listeners": [
+            {"addr": ":8443", "routes": [{"hostname": "a.test", "backend": "127.0.0.1:1"}]}
+        ],
+    }
+    path = write(tmp_path, data)
+    full = load_config(str(path))
+    config, seed = load_settings(str(path))
+    assert config == dataclasses.replace(full, seed=config.seed)
+    assert seed.take() == full.seed
+
+
+def test_load_settings_reports_process_setting_problems(tmp_path: Path) -> None:
+    path = write(tmp_path, {"workers": -1, "proxy": {"idle_timeout": "soon"}, "listeners": "x"})
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(path))
+    fields = {problem.split(": ")[1] for problem in exc.value.problems}
+    assert fields == {"workers", "proxy.idle_timeout"}

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from mcproxy.ip import canonical_ip
 from mcproxy.model import FirewallRules
 from mcproxy.worker.errors import Reason
-from mcproxy.worker.firewall import Firewall, client_ip
+from mcproxy.worker.firewall import Firewall
 
 
 def test_ip_cidr_and_country_rules() -> None:
@@ -29,6 +30,6 @@ def test_countries_without_a_lookup_block_nothing() -> None:
 
 
 def test_client_ip_unmaps_dual_stack_addresses() -> None:
-    assert client_ip("::ffff:192.0.2.1") == "192.0.2.1"
-    assert client_ip("2001:DB8::1") == "2001:db8::1"
-    assert client_ip("fe80::1%eth0") == "fe80::1"
+    assert canonical_ip("::ffff:192.0.2.1") == "192.0.2.1"
+    assert canonical_ip("2001:DB8::1") == "2001:db8::1"
+    assert canonical_ip("fe80::1%eth0") == "fe80::1"

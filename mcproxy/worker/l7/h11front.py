@@ -69,7 +69,6 @@ HEAD_TIMEOUT = 10.0
 _SEND_SIZE = 64 * 1024
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _OBS_FOLD = re.compile(rb"\n[ \t]")
-_LINE_START = re.compile(rb"\n")
 
 
 def error_response(status: int) -> bytes:

@@ -62,7 +62,6 @@ __all__ = [
     "MAX_QUEUED",
     "MAX_QUEUED_PER_CLIENT",
     "BackendConnection",
-    "BackendGroup",
     "BackendKey",
     "BackendPool",
     "ConnState",
@@ -534,10 +533,3 @@ class BackendPool:
             self._dial_failed(dial, 502, "client connection closed")
         for connection in list(self.connections):
             connection.close()
-
-    def all_connections(self) -> list[BackendConnection]:
-        return [*self.connections, *(d.connection for d in self.dials if d.connection)]
-
-
-BackendGroup = BackendPool
-"""The former name."""
