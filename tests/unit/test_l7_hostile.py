@@ -7,6 +7,7 @@ Each case checks that nothing reached a backend.
 from __future__ import annotations
 
 import h2.events
+import hpack
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
@@ -21,7 +22,8 @@ from hyperframe.frame import (
 )
 
 from mcproxy.model import Address, L7Policy, Mode, PolicyKind, Route
-from mcproxy.worker.l7.frames import GLITCH_BUDGET, Abuse, Budget, FrameWatch, GoAwayFilter
+from mcproxy.worker.l7.frames import CLIENT_PREFACE, GLITCH_BUDGET, Abuse, Budget, FrameWatch
+from mcproxy.worker.l7.h2core import H2Connection
 from mcproxy.worker.l7.h2front import RAPID_RESET_BUDGET, H2Front
 from mcproxy.worker.l7.h11front import MAX_HEAD_SIZE, H11Front, error_response
 from mcproxy.worker.l7.headers import (
@@ -512,22 +514,32 @@ def test_a_complete_http2_head_clears_the_deadline() -> None:
 def test_the_frame_watch_tracks_split_frame_headers_and_header_blocks() -> None:
     clock = Clock()
     watch = FrameWatch(clock)
-    flt = GoAwayFilter(expect_preface=False, watch=watch)
+    conn = H2Connection(client_side=False, watch=watch)
+    conn.receive_data(CLIENT_PREFACE[:10])
+    assert watch.head_since == clock.now  # a preface in progress
+    conn.receive_data(CLIENT_PREFACE[10:] + SettingsFrame(0).serialize())
+    assert watch.head_since is None
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
-    flt.feed(ping[:4])
+    conn.receive_data(ping[:4])
     assert watch.head_since == clock.now
-    flt.feed(ping[4:])
+    conn.receive_data(ping[4:])
     assert watch.head_since is None
-    flt.feed(HeadersFrame(1, data=b"abc").serialize())
+    block = hpack.Encoder().encode(
+        [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "a.test")]
+    )
+    conn.receive_data(HeadersFrame(1, data=block[:3], flags=["END_STREAM"]).serialize())
     assert watch.head_since == clock.now
-    flt.feed(ContinuationFrame(1, data=b"abc", flags=["END_HEADERS"]).serialize())
+    events = conn.receive_data(
+        ContinuationFrame(1, data=block[3:], flags=["END_HEADERS"]).serialize()
+    )
     assert watch.head_since is None
+    assert [type(e).__name__ for e in events] == ["RequestReceived"]
     flood = FrameWatch(clock, budget=2, rate=0)
-    flt = GoAwayFilter(expect_preface=False, watch=flood)
-    flt.feed(ping * 2)
+    conn = H2Connection(client_side=False, watch=flood)
+    conn.receive_data(CLIENT_PREFACE + SettingsFrame(0).serialize() + ping)
     try:
-        flt.feed(ping)
+        conn.receive_data(ping)
     except Abuse:
         pass
     else:
-        raise AssertionError("the third PING should be over budget")
+        raise AssertionError("the third frame without progress should be over budget")
