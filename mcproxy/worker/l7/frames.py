@@ -1,32 +1,24 @@
-"""Lift GOAWAY frames out of an HTTP/2 byte stream before h2 sees them.
+"""What the HTTP/2 core shares with the legs: limits, errors, abuse budgets.
 
-h2 treats a received GOAWAY as the end of the connection: its state machine
-goes to CLOSED, it clears its outbound buffer and refuses any later frame, so
-streams that the peer promised to finish would break. A proxy needs the
-graceful meaning (RFC 9113 section 6.8): no new streams above
-``last_stream_id``, the others run to completion. This filter walks the frame
-headers (9 bytes each, the payload length first), passes every other frame
-through untouched and returns each GOAWAY as a :class:`GoAway` value instead.
+:class:`ProtocolError` and its kinds are the connection errors ``h2core``
+raises (each with its RFC 9113 error code); :class:`FrameTooLarge` is raised
+at the frame header, before any payload is buffered, so a peer announcing a
+16 MiB frame (or an HTTP/1.1 server answering our preface with text) is
+refused at once.
 
-Strategy: the common case (no GOAWAY, frame boundaries anywhere) returns the
-input object itself, so a DATA-heavy stream costs one header walk and no
-copy. Only a split frame header or a GOAWAY payload is buffered, and a GOAWAY
-is at most :data:`MAX_FRAME_SIZE` bytes.
+A client's abuse is counted on the frame headers the core reads
+(ARCHITECTURE.md, "L7 routes: HTTP/2 abuse budgets"): a :class:`FrameWatch`
+charges each frame that makes no progress (PING, SETTINGS, PRIORITY,
+WINDOW_UPDATE, RST_STREAM, CONTINUATION, empty DATA, unknown types) to a
+token bucket, like HAProxy's glitch counters, and knows when a header block
+(or a frame header) has been in progress since, for the head deadline. A
+spent budget raises :class:`Abuse`; the leg answers GOAWAY ENHANCE_YOUR_CALM
+and closes. Time comes from an injected clock, so tests drive it with bytes
+only.
 
-The walk also enforces the frame size limit on the header, where h2 checks it
-only once the whole frame is buffered: a peer announcing a 16 MiB frame (or
-an HTTP/1.1 server answering our preface with text) is refused at once
-instead of being buffered.
-
-Since the walk sees every frame header, it is also where a client's abuse is
-counted (ARCHITECTURE.md, "L7 routes: HTTP/2 abuse budgets"): a
-:class:`FrameWatch` charges each frame that makes no progress (PING,
-SETTINGS, PRIORITY, WINDOW_UPDATE, RST_STREAM, CONTINUATION, empty DATA,
-unknown types) to a token bucket, like HAProxy's glitch counters, and knows
-when a header block (or a frame header) has been in progress since, for the
-head deadline. A spent budget raises :class:`Abuse`; the leg answers GOAWAY
-ENHANCE_YOUR_CALM and closes. Time comes from an injected clock, so tests
-drive it with bytes only.
+:class:`GoAwayFilter` lifts GOAWAY frames out of a byte stream for peers
+built on the ``h2`` library (the tests' clients and backends), which would
+treat a GOAWAY as the immediate end of the connection.
 """
 
 from __future__ import annotations
