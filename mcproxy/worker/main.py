@@ -233,9 +233,10 @@ class Worker:
 
 
 GC_GEN0_THRESHOLD = 50_000
-"""Allocations between young-generation collections (CPython's default is 700). Each L7
-request allocates a few hundred short-lived objects; a collection every two requests was
-3-7% of a worker's CPU (ARCHITECTURE.md, "L7 routes: speed")."""
+"""Net container allocations between young-generation collections (CPython's default is
+700). Requests leave no cycles behind, but connections and their state do accumulate; a
+collection every few requests was 3-7% of a worker's CPU (ARCHITECTURE.md, "L7 routes:
+speed")."""
 
 
 def _tune_gc() -> None:
@@ -272,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _install_event_loop_policy()
     _tune_gc()
+    # The compiled HPACK decoder panics (caught: COMPRESSION_ERROR) on some malformed blocks
+    # and Rust prints each panic to stderr; a backtrace there would let any client write
+    # dozens of lines into our log per connection. Two lines it is.
+    os.environ["RUST_BACKTRACE"] = "0"
     worker = Worker(socket.socket(fileno=args.pipe_fd))
     try:
         return asyncio.run(worker.run())
