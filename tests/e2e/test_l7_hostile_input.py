@@ -47,6 +47,7 @@ from tests.e2e.harness import (
 )
 
 ATTACK = "a.test"
+COMPRESSION_ERROR = 0x9
 GOOD = "b.test"
 GUARDED = "c.test"
 HEAD_TIMEOUT = 2.0
@@ -523,3 +524,48 @@ def test_a_trickled_http2_head_costs_the_connection(stack: Stack, good: GoodClie
     finally:
         client.close()
     assert not _reached(stack, "/attack/h2-trickle")
+
+
+def test_an_undecodable_header_block_costs_only_its_connection(
+    stack: Stack, good: GoodClient
+) -> None:
+    # An HPACK integer that runs past the end of the block: the compiled decoder panics on
+    # it, which must become COMPRESSION_ERROR on this connection, not a worker failure.
+    client = H2Client(stack, ATTACK)
+    other = H2Client(stack, ATTACK)
+    try:
+        assert client.response(client.request("/headers"))[0] == 200
+        client.send_raw(
+            HeadersFrame(3, data=b"\xff\xff\xff\xff", flags=["END_HEADERS"]).serialize()
+        )
+        client.wait_closed()
+        assert client.closed
+        assert not client.goaway_codes or COMPRESSION_ERROR in client.goaway_codes
+        assert other.response(other.request("/headers"))[0] == 200  # same worker, unharmed
+    finally:
+        client.close()
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "headers"),
+    [
+        ("uppercase", [(b"X-Upper", b"1")]),
+        ("connection-specific", [(b"connection", b"keep-alive")]),
+        ("te", [(b"te", b"gzip")]),
+        ("surrounding-space", [(b"x-space", b" padded")]),
+    ],
+)
+def test_a_malformed_http2_head_resets_its_stream_alone(
+    stack: Stack, good: GoodClient, name: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    client = H2Client(stack, ATTACK)
+    client.conn.config.normalize_outbound_headers = False  # send the fields as written
+    try:
+        bad = client.request(f"/attack/malformed-{name}", extra=headers)
+        assert client.response(bad)[0] == 0  # reset (PROTOCOL_ERROR), no answer
+        fine = client.request("/headers")  # the same connection goes on
+        assert client.response(fine)[0] == 200
+        assert not _reached(stack, f"/attack/malformed-{name}")
+    finally:
+        client.close()
