@@ -376,7 +376,7 @@ def test_empty_data_flood_costs_the_connection() -> None:
 
 
 def test_rst_stream_flood_on_closed_streams_costs_the_connection() -> None:
-    frame = RstStreamFrame(99)
+    frame = RstStreamFrame(1)  # the good request's stream, over by then
     frame.error_code = 8
     _flood([frame.serialize()] * (GLITCH_BUDGET + 10))
 

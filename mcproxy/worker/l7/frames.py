@@ -41,10 +41,13 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "Abuse",
     "Budget",
+    "FlowControlError",
     "FrameTooLarge",
     "FrameWatch",
     "GoAway",
     "GoAwayFilter",
+    "ProtocolError",
+    "StreamClosedError",
     "encode_goaway",
 ]
 
@@ -68,12 +71,41 @@ GLITCH_RATE = 200.0
 (which a WINDOW_UPDATE legitimately answers), earns some back."""
 
 
-class FrameTooLarge(Exception):
+class ProtocolError(Exception):
+    """The peer broke HTTP/2: a connection error with ``error_code`` (RFC 9113 section 7)."""
+
+    def __init__(self, message: str, error_code: int = 0x1) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class StreamClosedError(ProtocolError):
+    """A send on a stream that is over (the application's race with the peer, not an error of
+    the connection)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0x5)
+
+
+class FlowControlError(ProtocolError):
+    """A send beyond the peer's window (a caller bug)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0x3)
+
+
+class FrameTooLarge(ProtocolError):
     """A frame header announced more than :data:`MAX_FRAME_SIZE` bytes (FRAME_SIZE_ERROR)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0x6)
 
-class Abuse(Exception):
+
+class Abuse(ProtocolError):
     """The peer spent one of its budgets (GOAWAY ENHANCE_YOUR_CALM, then close)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0xB)
 
 
 class Budget:

@@ -48,7 +48,7 @@ import os
 import h11
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
-from mcproxy.worker.l7.h2lib import ErrorCodes
+from mcproxy.worker.l7.h2core import ErrorCodes
 from mcproxy.worker.l7.headers import Headers, end_to_end
 from mcproxy.worker.l7.pool import BackendPool, ConnState, PooledConnection
 from mcproxy.worker.l7.tls import TlsSession

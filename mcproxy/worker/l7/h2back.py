@@ -1,4 +1,4 @@
-"""One HTTP/2 connection to a backend (h2, client side), one of a ``BackendPool``'s.
+"""One HTTP/2 connection to a backend (``h2core``, client side), one of a ``BackendPool``'s.
 
 Its state (``ConnState``) is CONNECTING until the backend's SETTINGS arrive
 (then we know it speaks HTTP/2 and how many streams it takes), READY, then
@@ -19,28 +19,12 @@ can never stall the other streams of the connection.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
-from h2.errors import ErrorCodes
-
+from mcproxy.worker.l7 import h2core as ev
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
-from mcproxy.worker.l7.frames import GoAway
-from mcproxy.worker.l7.h2leg import (
-    DEFAULT_WINDOW,
-    MAX_HEADER_LIST_SIZE,
-    H2Endpoint,
-    H2Leg,
-    headers_of,
-)
-from mcproxy.worker.l7.h2lib import (
-    H2Configuration,
-    H2Connection,
-    ProtocolError,
-    SettingCodes,
-    Settings,
-)
-from mcproxy.worker.l7.h2lib import events as ev
+from mcproxy.worker.l7.h2core import ErrorCodes, H2Connection, ProtocolError, SettingCodes
+from mcproxy.worker.l7.h2leg import MAX_HEADER_LIST_SIZE, H2Endpoint, H2Leg
 from mcproxy.worker.l7.headers import Headers, end_to_end
 from mcproxy.worker.l7.pool import ConnState, PooledConnection, header_list_size
 
@@ -62,27 +46,16 @@ class H2Back(H2Leg, PooledConnection):
 
     def __init__(self, io: LegIO) -> None:
         conn = H2Connection(
-            H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # What we send was validated on the way in (ARCHITECTURE.md, "L7 routes:
-                # speed"): requests by h2/h11 and headers.refusal, responses by the backend
-                # leg (end_to_end). -10% CPU per request in the legs, measured.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        conn.local_settings = Settings(
-            client=True,
-            initial_values={
+            client_side=True,
+            local_settings={
                 SettingCodes.ENABLE_PUSH: 0,
                 SettingCodes.INITIAL_WINDOW_SIZE: BACKEND_STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             },
+            connection_window=BACKEND_CONNECTION_WINDOW,
         )
         conn.initiate_connection()
-        conn.increment_flow_control_window(BACKEND_CONNECTION_WINDOW - DEFAULT_WINDOW)
-        H2Leg.__init__(self, conn, io, expect_preface=False)
+        H2Leg.__init__(self, conn, io)
         PooledConnection.__init__(self)
         self._unopened: set[int] = set()
         self._limit = 1
@@ -147,31 +120,25 @@ class H2Back(H2Leg, PooledConnection):
         return exchange.response
 
     def handle(self, event: ev.Event) -> None:
-        if isinstance(event, ev.DataReceived):
-            flow = self._data(event)
-            if flow is not None:
-                flow.receive_data(event.data)
-        elif isinstance(event, ev.ResponseReceived):
+        # Exact type tests, the most frequent first: cheaper than isinstance, and mypy narrows.
+        if type(event) is ev.DataReceived:
+            self._data(event)
+        elif type(event) is ev.ResponseReceived:
             if (exchange := self.streams.get(event.stream_id)) is not None:
-                exchange.response.receive_head(
-                    end_to_end(headers_of(event.headers)), ended=event.stream_ended is not None
-                )
-        elif isinstance(event, ev.StreamEnded):
-            if (exchange := self.streams.get(event.stream_id)) is not None:
-                exchange.response.receive_end()
-        elif isinstance(event, ev.WindowUpdated):
+                exchange.response.receive_head(end_to_end(event.headers), ended=event.stream_ended)
+        elif type(event) is ev.WindowUpdated:
             self._window_updated(event)
-        elif isinstance(event, ev.TrailersReceived):
+        elif type(event) is ev.TrailersReceived:
             if (exchange := self.streams.get(event.stream_id)) is not None:
-                exchange.response.receive_end(end_to_end(headers_of(event.headers)))
-        elif isinstance(event, ev.InformationalResponseReceived):
+                exchange.response.receive_end(end_to_end(event.headers))
+        elif type(event) is ev.InformationalResponseReceived:
             if (exchange := self.streams.get(event.stream_id)) is not None:
-                exchange.response.receive_informational(end_to_end(headers_of(event.headers)))
-        elif isinstance(event, ev.StreamReset):
+                exchange.response.receive_informational(end_to_end(event.headers))
+        elif type(event) is ev.StreamReset:
             if (exchange := self._forget(event.stream_id)) is not None:
                 exchange.backend_reset(event.error_code)
                 self._drained()
-        elif isinstance(event, ev.RemoteSettingsChanged):
+        elif type(event) is ev.RemoteSettingsChanged:
             self._read_settings()
             if self.state is ConnState.CONNECTING:
                 self.transition(ConnState.READY)
@@ -179,6 +146,8 @@ class H2Back(H2Leg, PooledConnection):
                 self._settings_changed(event)
                 if self.pool is not None and self.pool.queued:
                     self.pool.dispatch()
+        elif type(event) is ev.GoAwayReceived:
+            self.on_goaway(event)
 
     def _read_settings(self) -> None:
         remote = self.conn.remote_settings
@@ -194,9 +163,7 @@ class H2Back(H2Leg, PooledConnection):
         try:
             self.conn.send_headers(sid, headers, end_stream=end)
         except ProtocolError as exc:
-            # A request head HTTP/2 cannot carry. h2 already created the stream: close it.
-            with contextlib.suppress(ProtocolError):
-                self.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            # The stream cannot open (the backend's GOAWAY or stream limit crossed it).
             if (exchange := self._forget(sid)) is not None:
                 exchange.backend_failed(502, f"request not sendable over HTTP/2: {exc}")
         self.io.wake()
@@ -209,8 +176,7 @@ class H2Back(H2Leg, PooledConnection):
         exchange = self.streams.pop(sid, None)
         self._unopened.discard(sid)
         if not self.closed:
-            with contextlib.suppress(ProtocolError):
-                self.conn.reset_stream(sid, code)
+            self.conn.reset_stream(sid, code)
             self.io.wake()
         if exchange is not None and self.pool is not None:
             self.pool.released(self, exchange)
@@ -232,7 +198,7 @@ class H2Back(H2Leg, PooledConnection):
         if self.state is ConnState.DRAINING and not self.streams:
             self.close()
 
-    def on_goaway(self, goaway: GoAway) -> None:
+    def on_goaway(self, goaway: ev.GoAwayReceived) -> None:
         """The backend is leaving: streams above ``last_stream_id`` never reached it."""
         if self.state is ConnState.CONNECTING:
             self.fail("goaway", f"backend sent GOAWAY ({goaway.error_code}) before SETTINGS")
@@ -243,8 +209,7 @@ class H2Back(H2Leg, PooledConnection):
         unprocessed = [sid for sid in self.streams if sid > goaway.last_stream_id]
         exchanges = [self._forget(sid) for sid in unprocessed]
         for sid in unprocessed:
-            with contextlib.suppress(ProtocolError):
-                self.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            self.conn.reset_stream(sid, ErrorCodes.CANCEL)
         self.io.wake()
         for exchange in exchanges:
             if exchange is None:
@@ -268,8 +233,7 @@ class H2Back(H2Leg, PooledConnection):
         if self.closed:
             return
         if code is not None:
-            with contextlib.suppress(ProtocolError):
-                self.conn.close_connection(code)
+            self.conn.close_connection(code)
         self.failure = detail
         log.warning("backend connection failed (%s): %s", outcome, detail)
         self.outcome = outcome

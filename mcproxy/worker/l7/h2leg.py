@@ -1,13 +1,10 @@
-"""What both HTTP/2 legs share: one ``h2.H2Connection``, its streams, sending, windows.
+"""What both HTTP/2 legs share: one ``h2core.H2Connection``, its streams, sending, windows.
 
 A leg turns its connection's events into calls on the exchanges' flows
 (``H2Front`` for the client, server side; ``H2Back`` for a backend, client
 side) and hands out :class:`H2Endpoint` s through which the exchanges send.
-Both pass received bytes through a
-:class:`~mcproxy.worker.l7.frames.GoAwayFilter` first, because h2 would treat
-a GOAWAY as the immediate end of the connection, and both send a graceful
-GOAWAY themselves with :func:`~mcproxy.worker.l7.frames.encode_goaway` for
-the same reason.
+A GOAWAY from the peer is an event like any other: the leg decides what
+happens to the streams it left running.
 
 Windows: a peer may have ``STREAM_WINDOW`` bytes in flight per stream, and a
 connection window each leg chooses. Since nothing is acknowledged before the
@@ -16,23 +13,12 @@ other leg took it, the windows are also the bounds of what the proxy buffers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import cast
 
-from h2.errors import ErrorCodes
-
+from mcproxy.worker.l7 import h2core as ev
 from mcproxy.worker.l7.bridge import Exchange, Flow, LegIO
-from mcproxy.worker.l7.frames import (
-    Abuse,
-    FrameTooLarge,
-    FrameWatch,
-    GoAway,
-    GoAwayFilter,
-    encode_goaway,
-)
-from mcproxy.worker.l7.h2lib import H2Connection, ProtocolError, SettingCodes
-from mcproxy.worker.l7.h2lib import events as ev
+from mcproxy.worker.l7.frames import Abuse, FrameWatch
+from mcproxy.worker.l7.h2core import ErrorCodes, H2Connection, ProtocolError, SettingCodes
 from mcproxy.worker.l7.headers import Headers
 
 __all__ = [
@@ -41,7 +27,6 @@ __all__ = [
     "STREAM_WINDOW",
     "H2Endpoint",
     "H2Leg",
-    "headers_of",
 ]
 
 log = logging.getLogger("mcproxy.l7")
@@ -49,7 +34,7 @@ log = logging.getLogger("mcproxy.l7")
 STREAM_WINDOW = 1 << 20
 MAX_HEADER_LIST_SIZE = 64 * 1024
 DEFAULT_WINDOW = 65535
-"""The protocol's initial window, which ``increment_flow_control_window`` grows from."""
+"""The protocol's initial window."""
 
 
 class H2Endpoint:
@@ -97,13 +82,12 @@ class H2Endpoint:
 
 
 class H2Leg:
-    """What both HTTP/2 legs share: the filter, the output, sending, windows, streams."""
+    """What both HTTP/2 legs share: the connection, the output, sending, windows, streams."""
 
     def __init__(
         self,
         conn: H2Connection,
         io: LegIO,
-        expect_preface: bool,
         watch: FrameWatch | None = None,
         head_timeout: float = 0.0,
     ) -> None:
@@ -112,13 +96,11 @@ class H2Leg:
         self.watch = watch
         """The peer's budgets and head in progress (the client leg only)."""
         self.head_timeout = head_timeout
-        self.filter = GoAwayFilter(expect_preface, watch)
         self.streams: dict[int, Exchange] = {}
         self.writable = True
         self.closed = False
         self.outcome: str | None = None
         """Why the leg ended, when it was not a plain close."""
-        self._early = b""  # bytes that must go out before h2's next ones (a graceful GOAWAY)
         self.goaway_sent = False
 
     # --- to be specialised ----------------------------------------------------------
@@ -132,11 +114,11 @@ class H2Leg:
     def handle(self, event: ev.Event) -> None:
         raise NotImplementedError
 
-    def on_goaway(self, goaway: GoAway) -> None:
+    def on_goaway(self, goaway: ev.GoAwayReceived) -> None:
         raise NotImplementedError
 
     def fail(self, outcome: str, detail: str, code: int | None = None) -> None:
-        """End the connection; ``code``: send a GOAWAY with it (None: h2 has queued one)."""
+        """End the connection; ``code``: send a GOAWAY with it (None: the core queued one)."""
         raise NotImplementedError
 
     # --- input ------------------------------------------------------------------------
@@ -145,40 +127,33 @@ class H2Leg:
         if self.closed:
             return
         try:
-            data, goaways = self.filter.feed(data)
-        except FrameTooLarge as exc:
-            self.fail("protocol_error", str(exc), ErrorCodes.FRAME_SIZE_ERROR)
-            return
+            events = self.conn.receive_data(data)
         except Abuse as exc:
             log.warning("HTTP/2 peer over budget: %s", exc)
-            self.fail("abuse", str(exc), ErrorCodes.ENHANCE_YOUR_CALM)
+            self.fail("abuse", str(exc))
             return
-        if data:
-            try:
-                events = self.conn.receive_data(data)
-            except ProtocolError as exc:
-                # h2 queued a GOAWAY naming the error: flush it, then close.
-                self.fail("protocol_error", f"{type(exc).__name__}: {exc}")
+        except ProtocolError as exc:
+            # The core queued a GOAWAY naming the error: flush it, then close.
+            self.fail("protocol_error", f"{type(exc).__name__}: {exc}")
+            return
+        handle = self.handle
+        for event in events:
+            handle(event)
+            if self.closed:
                 return
-            for event in events:
-                self.handle(event)
-                if self.closed:
-                    return
-            self.io.wake()
-        for goaway in goaways:
-            self.on_goaway(goaway)
+        self.io.wake()
 
-    def _data(self, event: ev.DataReceived) -> Flow | None:
-        """Acknowledge padding now (never forwarded) and find the flow the data is for."""
-        sid = event.stream_id
-        padding = event.flow_controlled_length - len(event.data)
-        exchange = self.streams.get(sid)
+    def _data(self, event: ev.DataReceived) -> None:
+        """Body bytes for the flow of the stream they are on (padding never reaches us)."""
+        exchange = self.streams.get(event.stream_id)
         if exchange is None:  # an exchange already over: nobody will take these bytes
-            self.ack(sid, event.flow_controlled_length)
-            return None
-        if padding:
-            self.ack(sid, padding)
-        return self.inbound(exchange)
+            self.ack(event.stream_id, len(event.data))
+            return
+        flow = self.inbound(exchange)
+        if event.data:
+            flow.receive_data(event.data)
+        if event.stream_ended:
+            flow.receive_end()
 
     def _window_updated(self, event: ev.WindowUpdated) -> None:
         if event.stream_id == 0:
@@ -212,10 +187,7 @@ class H2Leg:
     # --- output -----------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        out = self.conn.data_to_send()
-        if self._early:
-            out, self._early = self._early + out, b""
-        return out
+        return self.conn.data_to_send()
 
     def set_writable(self, writable: bool) -> None:
         self.writable = writable
@@ -262,20 +234,14 @@ class H2Leg:
     def ack(self, sid: int, size: int) -> None:
         if self.closed or size <= 0:
             return
-        try:
-            self.conn.acknowledge_received_data(size, sid)
-        except ProtocolError:
-            return
+        self.conn.acknowledge_received_data(size, sid)
         self.io.wake()
 
     def reset_stream(self, sid: int, code: int) -> None:
         self.streams.pop(sid, None)
         if self.closed:
             return
-        try:
-            self.conn.reset_stream(sid, code)
-        except ProtocolError:
-            return
+        self.conn.reset_stream(sid, code)
         self.io.wake()
 
     def stop_request(self, sid: int) -> None:
@@ -285,25 +251,19 @@ class H2Leg:
         self.streams.pop(sid, None)
 
     def send_goaway(self, last_stream_id: int, code: int = 0) -> None:
-        """A GOAWAY that leaves streams up to ``last_stream_id`` running (h2's would not)."""
+        """A GOAWAY that leaves streams up to ``last_stream_id`` running."""
         if self.closed or self.goaway_sent:
             return
         self.goaway_sent = True
-        self._early += self.conn.data_to_send() + encode_goaway(last_stream_id, code)
+        self.conn.send_goaway(last_stream_id, code)
         self.io.wake()
 
     def terminate(self, code: int, outcome: str) -> None:
-        """End the connection now with h2's GOAWAY; every stream is over."""
+        """End the connection now with a GOAWAY; every stream is over."""
         if self.closed:
             return
         self.outcome = self.outcome or outcome
-        with contextlib.suppress(ProtocolError):
-            self.conn.close_connection(code)
+        self.conn.close_connection(code)
         self.closed = True
         self.io.wake()
         self.io.close()
-
-
-def headers_of(raw: object) -> Headers:
-    """h2 with ``header_encoding=None`` gives bytes pairs; say so to the type checker."""
-    return cast(Headers, raw)

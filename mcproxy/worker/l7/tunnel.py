@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mcproxy.worker.l7.bridge import Exchange, LegIO
-from mcproxy.worker.l7.h2lib import ErrorCodes
+from mcproxy.worker.l7.h2core import ErrorCodes
 from mcproxy.worker.l7.headers import Headers
 
 __all__ = [
