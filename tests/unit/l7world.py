@@ -51,6 +51,11 @@ class ManualTimer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.callback = _noop  # as asyncio's handles do: what it would have called is freed
+
+
+def _noop() -> None:
+    return None
 
 
 class ManualClock:

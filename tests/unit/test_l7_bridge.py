@@ -470,3 +470,27 @@ def test_a_stream_reset_by_the_backend_leaves_its_neighbours_alone() -> None:
     world.run()
     assert client.of(first, h2.events.StreamReset)
     assert client.body(second) == b"fine"
+
+
+def test_a_finished_exchange_is_freed_by_reference_counting_alone() -> None:
+    # Requests must not feed the garbage collector: an exchange and its flows form no
+    # cycle once the exchange is over (ARCHITECTURE.md, "L7 routes: speed").
+    import gc
+    import weakref
+
+    world = World()
+    client = world.h2_client()
+    sid = client.request("/")
+    world.run()
+    world.backends[0].respond(world.backends[0].requests()[0].stream_id, body=b"ok")
+    world.run()
+    assert client.body(sid) == b"ok"
+    (exchange,) = world.finished
+    gone = weakref.ref(exchange)
+    gc.disable()
+    try:
+        del exchange
+        world.finished.clear()
+        assert gone() is None
+    finally:
+        gc.enable()

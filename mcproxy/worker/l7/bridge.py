@@ -133,12 +133,16 @@ class Flow:
         "forwarded",
         "head",
         "head_sent",
+        "moved",
         "src",
         "trailers",
     )
 
     def __init__(self, exchange: Exchange, src: _Source, dst: Endpoint | None) -> None:
-        self.exchange = exchange
+        self.exchange: Exchange | None = exchange
+        """None once the exchange finished (so that it is freed by reference counting)."""
+        self.moved = 0
+        """Progress made (heads, chunks, ends): what the deadline sweep watches."""
         self.src = src
         self.dst = dst
         self.head: Headers | None = None
@@ -160,7 +164,7 @@ class Flow:
 
     def receive_head(self, headers: Headers, ended: bool) -> None:
         self.head = headers
-        self.exchange.moved += 1
+        self.moved += 1
         if ended:
             self.ended = True
         self.pump()
@@ -174,7 +178,7 @@ class Flow:
             self.src.ack(len(data))
             return
         if data:
-            self.exchange.moved += 1
+            self.moved += 1
             self.chunks.append(data)
             self.buffered += len(data)
             self.pump()
@@ -183,7 +187,7 @@ class Flow:
         if self.ended:
             return
         self.ended = True
-        self.exchange.moved += 1
+        self.moved += 1
         if trailers:
             self.trailers = trailers
         if self.discarding:
@@ -216,7 +220,7 @@ class Flow:
                 return
             end = self.ended and not self.chunks and self.trailers is None
             self.head_sent = True
-            self.exchange.moved += 1
+            self.moved += 1
             dst.send_head(self.head, end)
             if self.discarding or self.done:  # the send failed and dropped this flow
                 return
@@ -234,7 +238,7 @@ class Flow:
                 piece, self.chunks[0] = chunk[:room], chunk[room:]
             self.buffered -= len(piece)
             self.forwarded += len(piece)
-            self.exchange.moved += 1
+            self.moved += 1
             end = not self.chunks and self.ended and self.trailers is None
             dst.send_data(piece, end)
             self.src.ack(len(piece))
@@ -265,7 +269,8 @@ class Flow:
     def _finish(self) -> None:
         if not self.done:
             self.done = True
-            self.exchange.flow_done(self)
+            if self.exchange is not None:
+                self.exchange.flow_done(self)
 
 
 class ExchangeQueue(Protocol):
@@ -314,7 +319,6 @@ class Exchange:
         """The pool this exchange goes to (the router chose it; kept for a retry)."""
         self.owner: object = client
         """The client connection, for the pool's fair share (the router sets it)."""
-        self.moved = 0
         self.seen = 0
         self.stale = 0
         """Deadline sweeps in a row that saw no progress."""
@@ -335,6 +339,11 @@ class Exchange:
         self._clock = clock
         self.duration = 0.0
         self._on_finished = on_finished
+
+    @property
+    def moved(self) -> int:
+        """Progress of both flows: an exchange whose count stands still is stalled."""
+        return self.request.moved + self.response.moved
 
     # --- backend stream -----------------------------------------------------------
 
@@ -495,6 +504,11 @@ class Exchange:
             attached, self.attached = self.attached, None
             attached.release()
         self._on_finished(self)
+        # Nothing comes back to a finished exchange: cutting the flows' way back breaks the
+        # exchange <-> flow cycle, so that reference counting frees both at once and the
+        # garbage collector never runs for requests (ARCHITECTURE.md, "L7 routes: speed").
+        self.request.exchange = None
+        self.response.exchange = None
 
     def request_stopped(self) -> None:
         """The client endpoint will not deliver more of the request (after ``stop_request``)."""
