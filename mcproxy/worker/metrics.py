@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +51,7 @@ __all__ = [
     "REQUEST_BUCKETS",
     "WorkerMetrics",
     "method_class",
+    "observe_all",
     "outcome_label",
     "require_multiprocess_mode",
 ]
@@ -274,8 +276,8 @@ class WorkerMetrics:
         # then active, so that accepted and active never look settled before the rest.
         for record in connections:
             self._count_connection(record)
-        for request in requests:
-            self._count_request(request)
+        if requests:
+            self._count_requests(requests)
         for listener, count in accepted.items():
             self._child(self.accepted, listener).inc(count)
         if self._server is not None:
@@ -332,21 +334,76 @@ class WorkerMetrics:
         if record.bytes_down:
             self._child(self.relayed, listener, route.hostname, "down").inc(record.bytes_down)
 
-    def _count_request(self, record: RequestRecord) -> None:
-        listener, route = record.listener, record.route
-        code = str(record.status) if 100 <= record.status <= 599 else "other"
-        self._child(self.requests, listener, route, method_class(record.method), code).inc()
-        self._child(self.request_duration, listener, route).observe(record.duration)
-        if record.blocked_by is not None:
-            policy = record.blocked_by if record.blocked_by in _POLICIES else "other"
-            self._child(self.policy_blocks, listener, route, policy).inc()
-        for failed in record.failed_backends:
-            self._child(self.backend_failures, listener, route, str(failed)).inc()
-        if record.backend is not None:
-            # 502/504 from mc-proxy: that backend could not be reached either.
-            unreachable = record.status in (502, 504)
-            counter = self.backend_failures if unreachable else self.backend_selected
-            self._child(counter, listener, route, str(record.backend)).inc()
-        if record.backend_protocol is not None:
-            kind = "websocket" if record.websocket else "http"
-            self._child(self.backend_requests, listener, route, record.backend_protocol, kind).inc()
+    def _count_requests(self, requests: list[RequestRecord]) -> None:
+        """Count a batch of requests with one update per series, not one per request.
+
+        Under load a flush holds hundreds of requests on a few label sets, and each
+        update is a lock, a ``getpid`` and an mmap write: counting first and calling
+        ``inc(n)`` once per series (and observing the durations per histogram bucket)
+        is most of what metrics cost per request (ARCHITECTURE.md, "Speed"). The
+        values are those of one update per request (a histogram's sum up to rounding).
+        """
+        counts: dict[tuple[Any, ...], int] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        get = counts.get
+        for record in requests:
+            listener, route, status = record.listener, record.route, record.status
+            code = str(status) if 100 <= status <= 599 else "other"
+            key: tuple[Any, ...] = (
+                self.requests,
+                listener,
+                route,
+                method_class(record.method),
+                code,
+            )
+            counts[key] = get(key, 0) + 1
+            observed = durations.get((listener, route))
+            if observed is None:
+                durations[(listener, route)] = [record.duration]
+            else:
+                observed.append(record.duration)
+            if record.blocked_by is not None:
+                policy = record.blocked_by if record.blocked_by in _POLICIES else "other"
+                key = (self.policy_blocks, listener, route, policy)
+                counts[key] = get(key, 0) + 1
+            for failed in record.failed_backends:
+                key = (self.backend_failures, listener, route, str(failed))
+                counts[key] = get(key, 0) + 1
+            if record.backend is not None:
+                # 502/504 from mc-proxy: that backend could not be reached either.
+                unreachable = status in (502, 504)
+                counter = self.backend_failures if unreachable else self.backend_selected
+                key = (counter, listener, route, str(record.backend))
+                counts[key] = get(key, 0) + 1
+            if record.backend_protocol is not None:
+                kind = "websocket" if record.websocket else "http"
+                key = (self.backend_requests, listener, route, record.backend_protocol, kind)
+                counts[key] = get(key, 0) + 1
+        for key, count in counts.items():
+            self._child(*key).inc(count)
+        for (listener, route), amounts in durations.items():
+            observe_all(self._child(self.request_duration, listener, route), amounts)
+
+
+def observe_all(child: Any, amounts: list[float]) -> None:
+    """``child.observe(a) for a in amounts``, with one update per histogram bucket touched.
+
+    Reads the child's ``_sum``/``_buckets``/``_upper_bounds`` (prometheus_client's
+    Histogram keeps its buckets non-cumulative, one increment per observation), and
+    falls back to ``observe`` when they are not there.
+    """
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            child.observe(amount)
+        return
+    hits: dict[int, int] = {}
+    for amount in amounts:
+        index = bisect_left(bounds, amount)  # the first bound >= amount, as observe finds it
+        hits[index] = hits.get(index, 0) + 1
+    total.inc(sum(amounts))
+    for index, count in hits.items():
+        if index < len(buckets):
+            buckets[index].inc(count)

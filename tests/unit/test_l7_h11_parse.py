@@ -73,8 +73,14 @@ def test_a_body_on_an_upgrade_or_connect_request_is_refused() -> None:
     _refused(b"CONNECT web.test:443 HTTP/1.1\r\n" + HOST + b"Content-Length: 2\r\n\r\nhi", 400)
 
 
+def test_empty_lines_before_a_request_are_refused_as_h11_did() -> None:
+    _refused(b"\r\nGET / HTTP/1.1\r\n" + HOST + b"\r\n", 400)
+    _refused(b"\rGET / HTTP/1.1\r\n" + HOST + b"\r\n", 400)
+
+
 def test_unknown_methods_get_501_and_bad_bytes_400() -> None:
     _refused(b"BREW / HTTP/1.1\r\n" + HOST + b"\r\n", 501)
+    _refused(b"G:ET / HTTP/1.1\r\n" + HOST + b"\r\n", 400)
     _refused(b"GET / HTTP/1.1\r\n" + HOST + b"X-A: 1\x012\r\n\r\n", 400)
     _refused(b"GET /a\x7f HTTP/1.1\r\n" + HOST + b"\r\n", 400)
     _refused(b"GET / HTTP/1.1\r\nHost : web.test\r\n\r\n", 400)
@@ -125,6 +131,22 @@ def test_endless_trailers_are_cut_at_the_head_limit() -> None:
     assert client.io.aborted
     (request,) = backend.requests()
     assert not backend.of(request.stream_id, h2.events.TrailersReceived)
+
+
+def test_a_websocket_refused_locally_keeps_the_connection() -> None:
+    world = World()  # an h2 backend: no WebSockets (501, from the router itself)
+    client = world.h11_client()
+    client.send(
+        b"GET /ws HTTP/1.1\r\n" + HOST + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    world.run()
+    ((response, _, _),) = client.responses()
+    assert response.status_code == 501 and len(world.finished) == 1
+    client.send(b"GET /next HTTP/1.1\r\n" + HOST + b"\r\n")
+    world.run()
+    (backend,) = world.backends
+    assert [dict(r.headers)[b":path"] for r in backend.requests()] == [b"/next"]
 
 
 # --- framing ----------------------------------------------------------------------------
@@ -336,9 +358,8 @@ _LINES = [
 
 
 def _h11_accepts(head: bytes) -> bool:
-    """h11's verdict, after the leg's own first step (empty lines before a request go)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
-    conn.receive_data(head.lstrip(b"\r\n"))
+    conn.receive_data(head)
     try:
         return isinstance(conn.next_event(), h11.Request)
     except h11.RemoteProtocolError:

@@ -11,7 +11,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mcproxy.model import Address, Mode, Route
-from mcproxy.worker.metrics import FLUSH_INTERVAL, WorkerMetrics, method_class, outcome_label
+from mcproxy.worker.metrics import (
+    FLUSH_INTERVAL,
+    WorkerMetrics,
+    method_class,
+    observe_all,
+    outcome_label,
+)
 from mcproxy.worker.records import ConnectionRecord, RequestRecord
 
 LISTENER = "127.0.0.1:8443"
@@ -277,3 +283,57 @@ def test_backend_requests_count_by_protocol_and_kind(
     assert value(registry, name, protocol="h1", kind="http", **route) == 2
     assert value(registry, name, protocol="h1", kind="websocket", **route) == 1
     assert value(registry, name, protocol="h2", kind="http", **route) == 1
+
+
+def test_a_batch_counts_as_one_update_per_request_would() -> None:
+    """The flush counts a batch per series (``inc(n)``, buckets summed): same samples as
+    one ``observe``/``inc`` per request, on every series a request touches."""
+    requests = [
+        RequestRecord(
+            LISTENER,
+            "web.test",
+            m,
+            s,
+            d,
+            backend=b,
+            failed_backends=f,
+            blocked_by=p,
+            backend_protocol="h2" if b else None,
+        )
+        for d, s, m, b, f, p in [
+            (0.0004, 200, "GET", Address("127.0.0.1", 9002), (), None),
+            (0.02, 200, "GET", Address("127.0.0.1", 9002), (), None),
+            (0.05, 502, "POST", Address("127.0.0.1", 9003), (Address("127.0.0.1", 9002),), None),
+            (7.5, 0, "GET", None, (), None),
+            (100.0, 403, "DELETE", None, (), "require_header"),
+            (0.05, 200, "GET", Address("127.0.0.1", 9002), (), None),
+        ]
+    ]
+    batched_registry, single_registry = CollectorRegistry(), CollectorRegistry()
+    batched, single = WorkerMetrics(batched_registry), WorkerMetrics(single_registry)
+    for record in requests:
+        batched.request_finished(record)
+        single.request_finished(record)
+        single.flush()  # one request per flush: the per-request path
+    batched.flush()
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[Any, ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in registry.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        }
+
+    got, want = samples(batched_registry), samples(single_registry)
+    assert got.keys() == want.keys()
+    for name, wanted in want.items():
+        assert got[name] == pytest.approx(wanted), name
+    route = {"listener": LISTENER, "route": "web.test"}
+    assert value(batched_registry, "mcproxy_http_request_duration_seconds_count", **route) == 6
+
+
+def test_observe_all_falls_back_to_observe() -> None:
+    seen: list[float] = []
+    observe_all(SimpleNamespace(observe=seen.append), [0.1, 0.2])
+    assert seen == [0.1, 0.2]

@@ -88,6 +88,8 @@ _SEND_SIZE = 64 * 1024
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 """Where a head ends if it is not at a CRLF CRLF (bare LF: found, then refused by the parser)."""
 _CRLF2 = b"\r\n\r\n"
+_CR_LF = (13, 10)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # Request side: reading a head, a body, or waiting for the response to end (the
 # next request stays unparsed); _UPGRADE: a WebSocket request waits for its answer.
@@ -137,7 +139,8 @@ def _head_problem(head: bytes) -> tuple[int, str] | None:
     if b"\n " in head or b"\n\t" in head:
         return 400, "obs-fold in the request head"
     line = head[: head.find(b"\n")]
-    if line.count(b" ") != 2:  # llhttp takes "GET  / HTTP/1.1"; RFC 9112 and h11 do not
+    if line.count(b" ") != 2 or head[0] in _CR_LF:
+        # llhttp takes "GET  / HTTP/1.1" and empty lines before a request; h11 did not.
         return 400, "malformed request line"
     lowered = head.lower()
     lengths = lowered.count(b"\ncontent-length:") + lowered.count(b"\ncontent-length ")
@@ -286,6 +289,7 @@ class H11Front:
         self._discarded = 0
         self._upgrade = False  # a WebSocket upgrade request waits for the backend's answer
         self._method = b""
+        self._tapped = b""  # the head being parsed
         self._lenient = False  # Content-Length allowed in the trailers of this chunked body
         # The response.
         self._rframing = _NO_BODY
@@ -402,9 +406,6 @@ class H11Front:
             self.head_deadline = self.clock() + self.head_timeout
         head = self._head
         if not head:
-            # Leading empty lines before a request line are allowed (RFC 9112 section 2.2).
-            if data[:1] in b"\r\n":
-                data = data.lstrip(b"\r\n")
             end = data.find(_CRLF2)
             if end >= 0:  # the usual case: a whole head in one read
                 end += 4
@@ -427,6 +428,7 @@ class H11Front:
 
     def _parse_head(self, whole: bytes) -> bool:
         self.head_deadline = None
+        self._tapped = whole
         problem = _head_problem(whole)
         if problem is not None:
             self.refuse(*problem)
@@ -489,7 +491,10 @@ class H11Front:
         if isinstance(cause, _Refused):
             self._bad_request(cause.status, cause.detail)
         elif isinstance(exc, httptools.HttpParserInvalidMethodError):
-            self._bad_request(501, "unknown method")
+            # A method llhttp does not know: 501 if it is a token (h11 forwarded those).
+            method = self._tapped[: self._tapped.find(b" ")]
+            status = 501 if _TOKEN.fullmatch(method) else 400
+            self._bad_request(status, "unknown method")
         else:
             self._bad_request(400, str(exc))
 
@@ -685,8 +690,7 @@ class H11Front:
                 self._switch(fields)
                 return
             self._rstate = _DONE  # refused: the upgrade request ends with its answer
-            if self.current is not None:
-                self.io.schedule(self.current.request.receive_end)
+            self.io.schedule(self._end_refused_upgrade)
         if not 200 <= status <= 999 or self._sstate is not _IDLE:
             self._backend_broke(f"status {status}")
             return
@@ -722,6 +726,12 @@ class H11Front:
         self._write(b"".join(parts))
         if end:
             self.send_end([])
+
+    def _end_refused_upgrade(self) -> None:
+        # Scheduled: a local answer (501) comes from inside router.open, before ``current``.
+        exchange = self.current
+        if exchange is not None and not self.closed:
+            exchange.request.receive_end()
 
     def send_body(self, data: bytes, end: bool) -> None:
         if self.closed or self._sstate is not _SENDING:
