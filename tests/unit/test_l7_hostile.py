@@ -7,8 +7,8 @@ Each case checks that nothing reached a backend.
 from __future__ import annotations
 
 import h2.events
-import hpack
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
