@@ -543,3 +543,24 @@ def test_the_frame_watch_tracks_split_frame_headers_and_header_blocks() -> None:
         pass
     else:
         raise AssertionError("the third frame without progress should be over budget")
+
+
+def test_a_stream_of_malformed_requests_costs_the_connection() -> None:
+    world = HostileWorld()
+    client = world.h2()
+    client.move()
+    frames = []
+    for k in range(GLITCH_BUDGET):
+        block = client.conn.encoder.encode(
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"web.test"),
+                (b":path", b"/%d" % k),
+                (b"X-Upper", b"1"),  # malformed in HTTP/2: each is reset, and charged
+            ]
+        )
+        frames.append(HeadersFrame(2 * k + 1, data=block, flags=["END_STREAM", "END_HEADERS"]))
+    client.leg.receive_data(b"".join(frame.serialize() for frame in frames))
+    assert client.leg.outcome == "abuse"
+    assert world.backend_requests() == 0

@@ -155,12 +155,14 @@ class FrameWatch:
             if kind == _HEADERS:
                 self.glitches.earn(1)
             elif kind == _DATA and not length and not flags & _END_STREAM:
-                self._glitch("empty DATA frames")
+                self.glitch("empty DATA frames")
             return
-        self._glitch(f"frames of type {kind:#x}")
+        self.glitch(f"frames of type {kind:#x}")
 
-    def _glitch(self, what: str) -> None:
-        if not self.glitches.spend():
+    def glitch(self, what: str, cost: float = 1.0) -> None:
+        """Charge one unproductive act (a frame, a refused or malformed stream). Raises
+        :class:`Abuse` when the budget is spent."""
+        if not self.glitches.spend(cost):
             raise Abuse(f"flood of {what}")
 
     def now(self) -> float:

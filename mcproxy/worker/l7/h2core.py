@@ -891,8 +891,12 @@ class H2Connection:
         refuse = (self._goaway_sent is not None and sid > self._goaway_sent) or len(
             self._streams
         ) >= self._max_inbound
+        # A stream refused or malformed costs the peer budget (the HEADERS frame earned one
+        # token, as for a real request): opening them in a loop is a flood like any other.
         if refuse:
             self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, _REFUSED_STREAM))
+            if self.watch is not None:
+                self.watch.glitch("refused streams", 2.0)
             return
         try:
             head = _request(raw, self._connect_protocol)
@@ -900,6 +904,8 @@ class H2Connection:
                 raise _Malformed("content-length without DATA")
         except _Malformed:
             self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, _PROTOCOL_ERROR))
+            if self.watch is not None:
+                self.watch.glitch("malformed requests", 2.0)
             return
         stream = _Stream(sid, self.remote_settings.initial_window_size, self._stream_window)
         stream.head_done = True
