@@ -490,7 +490,9 @@ class H2Connection:
         if stream is None:
             raise StreamClosedError(f"stream {sid} is not open")
         window = stream.send_window
-        return window if window < self._conn_send_window else self._conn_send_window
+        if window > self._conn_send_window:
+            window = self._conn_send_window
+        return window if window > 0 else 0  # a shrunk SETTINGS_INITIAL_WINDOW_SIZE: < 0
 
     def get_next_available_stream_id(self) -> int:
         return self._next_outbound
