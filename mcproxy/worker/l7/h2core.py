@@ -128,46 +128,49 @@ class Event:
     __slots__ = ()
 
 
-class RequestReceived(Event):
+class _Head(Event):
+    """A head on a stream, and whether it also ended the peer's side."""
+
+    __slots__ = ("headers", "stream_ended", "stream_id")
+
+    def __init__(self, stream_id: int, headers: Headers, stream_ended: bool) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+        self.stream_ended = stream_ended
+
+
+class RequestReceived(_Head):
     """A request head (server role): valid, its Content-Length known to match what follows."""
 
-    __slots__ = ("headers", "stream_ended", "stream_id")
-
-    def __init__(self, stream_id: int, headers: Headers, stream_ended: bool) -> None:
-        self.stream_id = stream_id
-        self.headers = headers
-        self.stream_ended = stream_ended
+    __slots__ = ()
 
 
-class ResponseReceived(Event):
+class ResponseReceived(_Head):
     """A final response head (client role)."""
 
-    __slots__ = ("headers", "stream_ended", "stream_id")
+    __slots__ = ()
 
-    def __init__(self, stream_id: int, headers: Headers, stream_ended: bool) -> None:
+
+class _Block(Event):
+    """A header block that is not the head: what comes before it, or after the body."""
+
+    __slots__ = ("headers", "stream_id")
+
+    def __init__(self, stream_id: int, headers: Headers) -> None:
         self.stream_id = stream_id
         self.headers = headers
-        self.stream_ended = stream_ended
 
 
-class InformationalResponseReceived(Event):
+class InformationalResponseReceived(_Block):
     """A 1xx head before the final one (client role)."""
 
-    __slots__ = ("headers", "stream_id")
-
-    def __init__(self, stream_id: int, headers: Headers) -> None:
-        self.stream_id = stream_id
-        self.headers = headers
+    __slots__ = ()
 
 
-class TrailersReceived(Event):
+class TrailersReceived(_Block):
     """The trailing header block; it always ends the peer's side of the stream."""
 
-    __slots__ = ("headers", "stream_id")
-
-    def __init__(self, stream_id: int, headers: Headers) -> None:
-        self.stream_id = stream_id
-        self.headers = headers
+    __slots__ = ()
 
 
 class DataReceived(Event):
@@ -296,7 +299,7 @@ def _content_length(value: bytes, seen: int | None) -> int:
     return length
 
 
-def _request(raw: Iterable[tuple[bytes, bytes, bool]], connect_protocol: bool) -> _Head:
+def _request(raw: Iterable[tuple[bytes, bytes, bool]], connect_protocol: bool) -> _Parsed:
     fields: Headers = []
     method = scheme = path = authority = protocol = None
     length: int | None = None
@@ -350,10 +353,10 @@ def _request(raw: Iterable[tuple[bytes, bytes, bool]], connect_protocol: bool) -
             raise _Malformed(":protocol outside CONNECT")
         if not scheme or not path:
             raise _Malformed("no :scheme or :path")
-    return _Head(fields, length, method)
+    return _Parsed(fields, length, method)
 
 
-def _response(raw: Iterable[tuple[bytes, bytes, bool]]) -> _Head:
+def _response(raw: Iterable[tuple[bytes, bytes, bool]]) -> _Parsed:
     fields: Headers = []
     status: bytes | None = None
     length: int | None = None
@@ -371,7 +374,7 @@ def _response(raw: Iterable[tuple[bytes, bytes, bool]]) -> _Head:
         fields.append((name, value))
     if status is None or len(status) != 3 or not status.isdigit():
         raise _Malformed("no valid :status")
-    return _Head(fields, length, status)
+    return _Parsed(fields, length, status)
 
 
 def _trailers(raw: Iterable[tuple[bytes, bytes, bool]]) -> Headers:
@@ -384,7 +387,7 @@ def _trailers(raw: Iterable[tuple[bytes, bytes, bool]]) -> Headers:
     return fields
 
 
-class _Head:
+class _Parsed:
     __slots__ = ("fields", "length", "token")
 
     def __init__(self, fields: Headers, length: int | None, token: bytes) -> None:
@@ -489,10 +492,8 @@ class H2Connection:
         stream = self._streams.get(sid)
         if stream is None:
             raise StreamClosedError(f"stream {sid} is not open")
-        window = stream.send_window
-        if window > self._conn_send_window:
-            window = self._conn_send_window
-        return window if window > 0 else 0  # a shrunk SETTINGS_INITIAL_WINDOW_SIZE: < 0
+        # Below zero after the peer shrank SETTINGS_INITIAL_WINDOW_SIZE: no room.
+        return max(0, min(stream.send_window, self._conn_send_window))
 
     def get_next_available_stream_id(self) -> int:
         return self._next_outbound
