@@ -108,6 +108,9 @@ _MAX_WINDOW = (1 << 31) - 1
 _DEFAULT_WINDOW = 65535
 _MAX_BLOCK = MAX_HEADER_LIST_SIZE + MAX_FRAME_SIZE
 """A header block (HEADERS and its CONTINUATIONs) longer than this is not decoded."""
+_RESET_MEMORY = 1024
+"""Stream ids we reset, remembered so that the peer's frames in flight on them are dropped
+quietly; any other frame on a stream that is over is a connection error."""
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _SETTING = struct.Struct(">HL")
 _WINDOW_FRAME = struct.Struct(">BHBBLL")
@@ -465,6 +468,7 @@ class H2Connection:
         self._next_outbound = 1
         self._goaway_received: int | None = None
         self._goaway_sent: int | None = None
+        self._reset_ids: dict[int, None] = {}
         self._encoder = Encoder()
         header_limit = self.local_settings.get(_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE)
         self._decoder = Decoder(header_limit)
@@ -591,7 +595,14 @@ class H2Connection:
     def reset_stream(self, sid: int, code: int) -> None:
         """Reset an open stream (nothing happens for one already over)."""
         if self._streams.pop(sid, None) is not None and not self.closed:
-            self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, code))
+            self._send_reset(sid, code)
+
+    def _send_reset(self, sid: int, code: int) -> None:
+        self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, code))
+        reset = self._reset_ids
+        reset[sid] = None
+        if len(reset) > _RESET_MEMORY:
+            del reset[next(iter(reset))]
 
     def acknowledge_received_data(self, size: int, sid: int) -> None:
         """The application took ``size`` bytes of ``sid``: credit goes back to the peer once at
@@ -727,7 +738,7 @@ class H2Connection:
     def _stream_error(self, stream: _Stream, code: int, events: list[Event]) -> None:
         """RST_STREAM for a stream whose peer broke the rules; the application hears of it."""
         del self._streams[stream.sid]
-        self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, stream.sid, code))
+        self._send_reset(stream.sid, code)
         events.append(StreamReset(stream.sid, code, False))
 
     def _data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
@@ -747,7 +758,9 @@ class H2Connection:
         if stream is None:
             if self._is_idle(sid):
                 raise ProtocolError(f"DATA on idle stream {sid}", _PROTOCOL_ERROR)
-            self._credit_connection(flow)  # a stream already over: nobody will take these
+            if sid not in self._reset_ids:
+                raise ProtocolError(f"DATA on closed stream {sid}", _STREAM_CLOSED)
+            self._credit_connection(flow)  # in flight when we reset it: nobody takes these
             return
         if flow > stream.recv_window:
             raise ProtocolError(f"DATA beyond the window of stream {sid}", _FLOW_CONTROL_ERROR)
@@ -841,12 +854,13 @@ class H2Connection:
         ended = bool(flags & _END_STREAM)
         stream = self._streams.get(sid)
         if stream is None:
-            if self.client_side or sid % 2 == 0:
-                if self._is_idle(sid):
-                    raise ProtocolError(f"HEADERS on stream {sid} nobody opened", _PROTOCOL_ERROR)
-                return  # trailers of a stream already over
-            if sid <= self._highest_inbound:
-                return  # a stream we reset: its late header block was decoded, and dropped
+            opening = not self.client_side and sid % 2 == 1 and sid > self._highest_inbound
+            if not opening:
+                if self._is_idle(sid) or sid not in self._reset_ids:
+                    # A stream nobody opened, one implicitly closed by a higher id (ids only
+                    # grow), or one that ended: RFC 9113 section 5.1.1.
+                    raise ProtocolError(f"HEADERS on stream {sid}, not open", _PROTOCOL_ERROR)
+                return  # in flight when we reset the stream: decoded, and dropped
             self._highest_inbound = sid
             self._open_inbound(sid, raw, ended, events)
             return
@@ -897,7 +911,7 @@ class H2Connection:
         # A stream refused or malformed costs the peer budget (the HEADERS frame earned one
         # token, as for a real request): opening them in a loop is a flood like any other.
         if refuse:
-            self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, _REFUSED_STREAM))
+            self._send_reset(sid, _REFUSED_STREAM)
             if self.watch is not None:
                 self.watch.glitch("refused streams", 2.0)
             return
@@ -906,7 +920,7 @@ class H2Connection:
             if ended and head.length:
                 raise _Malformed("content-length without DATA")
         except _Malformed:
-            self._out.append(_RST_FRAME.pack(0, 4, _RST_STREAM, 0, sid, _PROTOCOL_ERROR))
+            self._send_reset(sid, _PROTOCOL_ERROR)
             if self.watch is not None:
                 self.watch.glitch("malformed requests", 2.0)
             return
