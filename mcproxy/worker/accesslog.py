@@ -9,10 +9,17 @@ rendered here and written to that handler's stream. Going through
 under load (``bench/``, ``l4_connrate``): a ``LogRecord``, the caller lookup,
 the handler lock and the formatter. Any other set-up (a
 handler, filter or level of its own) goes through ``logging`` as usual.
+
+Inside an event loop, the lines of one loop turn go out together, in one
+write at the start of the next turn (and at exit): a write system call per
+line was about 15% of a worker's CPU per HTTP/2 request (ARCHITECTURE.md,
+"L7 routes: speed"). Outside a loop each line is written at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import time
@@ -24,6 +31,8 @@ __all__ = ["WORKER_FORMAT", "AccessLog"]
 
 WORKER_FORMAT = LOG_FORMAT
 """The worker's log format; the access log renders it itself when it writes directly."""
+MAX_PENDING = 512
+"""Lines held for the end of a loop turn at most; more are written at once."""
 
 
 def _direct_stream(logger: logging.Logger) -> TextIO | None:
@@ -68,12 +77,15 @@ class AccessLog:
         self._prefix = ""
         self._second = -1
         self._asctime = ""
+        self._pending: list[str] = []
 
     def write(self, line: str) -> None:
         if not self._decided:
             self._stream = _direct_stream(self.logger)
             self._prefix = f"INFO {self.logger.name} pid={os.getpid()} "
             self._decided = True
+            if self._stream is not None:
+                atexit.register(self.flush)
         if self._stream is None:
             self.logger.info(line)
             return
@@ -85,5 +97,20 @@ class AccessLog:
                 logging.Formatter.default_time_format, time.localtime(second)
             )
         millis = int((now - second) * 1000)
-        self._stream.write(f"{self._asctime},{millis:03d} {self._prefix}{line}\n")
-        self._stream.flush()
+        pending = self._pending
+        pending.append(f"{self._asctime},{millis:03d} {self._prefix}{line}\n")
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running: at once
+                self.flush()
+        elif len(pending) >= MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines held so far."""
+        pending = self._pending
+        if pending and self._stream is not None:
+            self._stream.write("".join(pending))
+            pending.clear()
+            self._stream.flush()

@@ -67,3 +67,31 @@ def test_a_raised_level_writes_nothing() -> None:
     logger.setLevel(logging.WARNING)
     AccessLog(logger).write(LINE)
     assert stream.getvalue() == ""
+
+
+def test_in_a_loop_the_lines_of_one_turn_go_out_in_one_write() -> None:
+    import asyncio
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Counting.writes += 1
+            return super().write(text)
+
+    stream = Counting()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(WORKER_FORMAT))
+    log = AccessLog(isolated_logger(handler))
+
+    async def turn() -> tuple[str, str]:
+        for k in range(3):
+            log.write(f"{LINE} n={k}")
+        held = stream.getvalue()
+        await asyncio.sleep(0)  # the next loop turn
+        return held, stream.getvalue()
+
+    held, written = asyncio.run(turn())
+    assert held == ""
+    assert [line.rsplit(" ", 1)[1] for line in written.splitlines()] == ["n=0", "n=1", "n=2"]
+    assert Counting.writes == 1
